@@ -1,0 +1,11 @@
+"""DeepSeek Workbench: DeepSeek-V3 and R1 ideas implemented for real, at a scale that runs anywhere.
+
+The package reads in the order of the ideas: ``config`` -> ``rope`` / ``mla`` / ``moe`` / ``mtp`` ->
+``block`` -> ``model`` -> ``train`` / ``generate`` -> ``hf`` (checkpoints) -> ``accounting``.
+"""
+
+from workbench.config import ConfigError, ModelConfig
+from workbench.model import Model, ModelOutput
+
+__all__ = ["ConfigError", "Model", "ModelConfig", "ModelOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,428 @@
+"""Model configuration: every switch of a DeepSeek-V3-style model in one validated dataclass.
+
+The field names are those of Hugging Face transformers' ``DeepseekV3Config`` (and of the
+``config.json`` DeepSeek publishes), so a config read from a real checkpoint maps one-to-one onto
+ours and back. On top of the architecture we keep the knobs of training that DeepSeek-V3 describes:
+
+* ``bias_update_speed`` (the paper's gamma): how far the auxiliary-loss-free balancing bias moves
+  after each optimiser step.
+* ``seq_aux_loss_alpha`` (alpha): weight of the complementary sequence-wise balance loss.
+* ``mtp_loss_weight`` (lambda): weight of the Multi-Token Prediction loss.
+* ``attn_mode``: ``"naive"`` (expand the latent into per-head keys and values, as in training) or
+  ``"absorb"`` (fold the up-projections into the query and output, cache only the latent).
+
+Presets:
+
+* ``tiny``: CI scale; trains in about a minute on two CPU cores.
+* ``small``: a laptop lesson; a few minutes of training shows every effect.
+* ``gpu``: fills one H100 usefully (about 0.9B parameters in total, a fraction active).
+* ``deepseek-v3``: the real 671B shape. Use it on the ``meta`` device for accounting only; it is
+  never allocated.
+
+``ModelConfig.validate()`` (called on construction) rejects impossible configurations with a message
+that names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model. The message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # ---- vocabulary and trunk -------------------------------------------------------------------
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    first_k_dense_replace: int = 1  # the first k layers use a dense MLP instead of MoE
+    intermediate_size: int = 384  # dense MLP width
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    # ---- DeepSeekMoE ----------------------------------------------------------------------------
+    moe_intermediate_size: int = 64  # width of one (fine-grained) expert
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 4  # top-k routed experts per token
+    n_group: int = 4  # experts are split into n_group groups...
+    topk_group: int = 2  # ...and each token may only pick experts in its best topk_group groups
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
+    norm_topk_prob: bool = True  # renormalise the k chosen affinities to sum to one
+
+    # ---- Multi-head Latent Attention ------------------------------------------------------------
+    num_attention_heads: int = 4
+    q_lora_rank: int | None = 64  # None: no query compression (a plain q_proj)
+    kv_lora_rank: int = 32  # width of the cached latent c_KV
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # YaRN: {"type": "yarn", "factor", ...}
+
+    # ---- Multi-Token Prediction -----------------------------------------------------------------
+    num_nextn_predict_layers: int = 1
+
+    # ---- training knobs (not part of the Hugging Face config) -----------------------------------
+    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
+    seq_aux_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
+    mtp_loss_weight: float = 0.3  # lambda of the MTP loss
+    attn_mode: str = "naive"  # "naive" or "absorb"
+    use_grouped_mm: bool = True  # torch grouped_mm for the experts on CUDA when available
+
+    # ---------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+        self.validate()
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # Validation ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise ConfigError(message)
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(
+            isinstance(self.qk_rope_head_dim, int)
+            and self.qk_rope_head_dim > 0
+            and self.qk_rope_head_dim % 2 == 0,
+            f"qk_rope_head_dim must be a positive even integer (RoPE rotates pairs of dimensions), "
+            f"got {self.qk_rope_head_dim!r}; use e.g. {max(2, (self.qk_rope_head_dim or 0) // 2 * 2)}",
+        )
+        need(
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            f"q_lora_rank must be a positive integer or None (no query compression), "
+            f"got {self.q_lora_rank!r}",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
+            f"num_hidden_layers={self.num_hidden_layers}",
+        )
+        if self.first_k_dense_replace > 0:
+            need(
+                self.intermediate_size > 0,
+                f"intermediate_size must be positive when there are dense layers "
+                f"(first_k_dense_replace={self.first_k_dense_replace}), got {self.intermediate_size}",
+            )
+        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+
+        if self.n_moe_layers > 0:
+            E, k = self.n_routed_experts, self.num_experts_per_tok
+            need(isinstance(E, int) and E > 0, f"n_routed_experts must be positive, got {E!r}")
+            need(
+                self.moe_intermediate_size > 0,
+                f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}",
+            )
+            need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            need(
+                isinstance(k, int) and 1 <= k <= E,
+                f"num_experts_per_tok={k} must be between 1 and n_routed_experts={E}",
+            )
+            need(
+                isinstance(self.n_group, int) and self.n_group >= 1,
+                f"n_group must be a positive integer, got {self.n_group!r}; "
+                "use 1 to disable group-limited routing",
+            )
+            need(
+                E % self.n_group == 0,
+                f"n_routed_experts={E} is not divisible by n_group={self.n_group}; choose n_group among "
+                f"{[g for g in range(1, E + 1) if E % g == 0]}",
+            )
+            need(
+                isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
+                f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}",
+            )
+            per_group = E // self.n_group
+            allowed = per_group * self.topk_group
+            need(
+                k <= allowed,
+                f"num_experts_per_tok={k} is larger than the experts the groups allow: topk_group="
+                f"{self.topk_group} groups x {per_group} experts per group = {allowed}; raise topk_group "
+                f"to at least {math.ceil(k / per_group)} or lower num_experts_per_tok to {allowed}",
+            )
+            if self.n_group > 1:
+                need(
+                    per_group >= 2,
+                    f"group scores sum each group's top-2 experts, so each group needs at least 2 experts "
+                    f"(n_routed_experts / n_group = {per_group}); lower n_group",
+                )
+            need(
+                self.scoring_func in ("sigmoid", "softmax"),
+                f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}",
+            )
+            need(
+                self.routed_scaling_factor > 0,
+                f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}",
+            )
+        need(
+            self.num_nextn_predict_layers >= 0,
+            f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}",
+        )
+        need(
+            self.bias_update_speed >= 0,
+            f"bias_update_speed (gamma) must be >= 0, got {self.bias_update_speed}",
+        )
+        need(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+        need(self.mtp_loss_weight >= 0, f"mtp_loss_weight (lambda) must be >= 0, got {self.mtp_loss_weight}")
+        need(
+            self.attn_mode in ("naive", "absorb"),
+            f"attn_mode must be 'naive' or 'absorb', got {self.attn_mode!r}",
+        )
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("type", rs.get("rope_type"))
+            need(
+                kind == "yarn",
+                f"rope_scaling type {kind!r} is not supported; use {{'type': 'yarn', 'factor': ..., "
+                f"'original_max_position_embeddings': ...}} or None",
+            )
+            need(
+                float(rs.get("factor", 0)) >= 1.0,
+                f"rope_scaling['factor'] must be >= 1, got {rs.get('factor')!r}",
+            )
+            need(
+                int(rs.get("original_max_position_embeddings", 0)) > 0,
+                "rope_scaling needs 'original_max_position_embeddings' (the context length before YaRN)",
+            )
+
+    # Presets -------------------------------------------------------------------------------------
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return list(_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in _PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+        values = dict(_PRESETS[name])
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {sorted(unknown)}; see ModelConfig for the names")
+        values.update(overrides)
+        return cls(**values)
+
+    # Hugging Face config.json --------------------------------------------------------------------
+    def to_hf(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' DeepseekV3Config reads (architecture fields only,
+        plus our training knobs under ``workbench``)."""
+        d = asdict(self)
+        knobs = {name: d.pop(name) for name in _TRAINING_KNOBS}
+        hf: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            **d,
+            "hidden_act": "silu",
+            "num_key_value_heads": self.num_attention_heads,
+            "topk_method": "noaux_tc",
+            "moe_layer_freq": 1,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "rope_interleave": True,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "torch_dtype": "float32",
+            "workbench": knobs,
+        }
+        return hf
+
+    @classmethod
+    def from_hf(cls, source: str | Path | dict[str, Any], **overrides: Any) -> ModelConfig:
+        """Read a Hugging Face ``config.json`` (a path to the file or its folder, or the dict)."""
+        if isinstance(source, dict):
+            hf = dict(source)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.exists():
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                hf = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        model_type = hf.get("model_type", "deepseek_v3")
+        if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+            raise ConfigError(f"model_type {model_type!r} is not a DeepSeek-V3-style model")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in hf.items() if k in names and k not in _TRAINING_KNOBS}
+        # transformers 5 writes rope settings as rope_parameters; DeepSeek's files use rope_theta/rope_scaling
+        rp = hf.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                values["rope_theta"] = rp["rope_theta"]
+            if rp.get("rope_type", "default") not in ("default", None):
+                values["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+            values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+        for key in ("n_group", "topk_group"):
+            if values.get(key) is None:
+                values[key] = 1
+        if values.get("first_k_dense_replace") is None:
+            values["first_k_dense_replace"] = 0
+        knobs = hf.get("workbench") or {}
+        values.update({k: v for k, v in knobs.items() if k in _TRAINING_KNOBS})
+        values.update(overrides)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        from workbench.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
+
+
+_TRAINING_KNOBS = (
+    "bias_update_speed",
+    "seq_aux_loss_alpha",
+    "mtp_loss_weight",
+    "attn_mode",
+    "use_grouped_mm",
+)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # CI: about a minute of training on 2 cores.
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=96,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        intermediate_size=256,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_attention_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=256,
+        num_nextn_predict_layers=1,
+    ),
+    # A classroom laptop: a few minutes of training.
+    "small": dict(
+        vocab_size=2048,
+        hidden_size=192,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        intermediate_size=512,
+        moe_intermediate_size=96,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        num_attention_heads=6,
+        q_lora_rank=96,
+        kv_lora_rank=48,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=512,
+        num_nextn_predict_layers=1,
+    ),
+    # One H100: ~0.9B parameters in total, with DeepSeek-V3's ratios at a smaller width.
+    "gpu": dict(
+        vocab_size=2048,
+        hidden_size=1024,
+        num_hidden_layers=12,
+        first_k_dense_replace=1,
+        intermediate_size=2816,
+        moe_intermediate_size=352,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        num_attention_heads=16,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_position_embeddings=2048,
+        num_nextn_predict_layers=1,
+    ),
+    # The real DeepSeek-V3 (671B). Accounting on the meta device only.
+    "deepseek-v3": dict(
+        vocab_size=129280,
+        hidden_size=7168,
+        num_hidden_layers=61,
+        first_k_dense_replace=3,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_theta=10000.0,
+        max_position_embeddings=163840,
+        rms_norm_eps=1e-6,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        num_nextn_predict_layers=1,
+        tie_word_embeddings=False,
+    ),
+}
+__all__ = ["ConfigError", "ModelConfig"]
