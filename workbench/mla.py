@@ -49,19 +49,19 @@ from workbench.rope import apply_rope, softmax_scale
 class KVCache:
     """What attention keeps between decoding steps, for every layer of one model.
 
-    Per layer a dict of tensors whose dim 1 is the sequence:
+    Per layer (keyed by its index) a dict of tensors whose dim 1 is the sequence:
     absorb mode: ``c_kv`` (B, S, kv_lora_rank) and ``k_pe`` (B, S, qk_rope_head_dim);
     naive mode: ``k`` (B, S, H, qk_head_dim) and ``v`` (B, S, H, v_head_dim).
     ``length`` counts the positions already cached; ``truncate`` rolls back (speculative decoding).
     """
 
-    def __init__(self, n_layers: int) -> None:
-        self.layers: list[dict[str, torch.Tensor] | None] = [None] * n_layers
+    def __init__(self) -> None:
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
         self.length = 0
 
     def update(self, layer_idx: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Append this step's entries to layer ``layer_idx`` and return everything cached there."""
-        old = self.layers[layer_idx]
+        old = self.layers.get(layer_idx)
         if old is None:
             merged = dict(new)
         else:
@@ -81,12 +81,12 @@ class KVCache:
         """Forget every position from ``length`` on."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.layers = [None if d is None else {k: v[:, :length] for k, v in d.items()} for d in self.layers]
+        self.layers = {i: {k: v[:, :length] for k, v in d.items()} for i, d in self.layers.items()}
         self.length = length
 
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, all sequences of the batch)."""
-        return sum(t.numel() * t.element_size() for d in self.layers if d for t in d.values())
+        return sum(t.numel() * t.element_size() for d in self.layers.values() for t in d.values())
 
 
 class MLA(nn.Module):

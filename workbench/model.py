@@ -109,10 +109,10 @@ class Model(nn.Module):
         return [b.mlp.gate for b in blocks if b.is_moe]
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
+        return KVCache()
 
     # ---------------------------------------------------------------------------------------------
-    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
         if end > self.config.max_position_embeddings:
             raise ValueError(
@@ -142,7 +142,7 @@ class Model(nn.Module):
         B, T = input_ids.shape
         mode = attn_mode or self.config.attn_mode
         past = cache.length if cache is not None else 0
-        cos, sin = self._rope(past, T)
+        cos, sin = self.rope(past, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         routing: list[RoutingStats] = []
