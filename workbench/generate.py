@@ -103,6 +103,11 @@ class SpeculativeResult:
     accepted: int  # of which the main model agreed with
     main_forwards: int  # main-model forward passes after the prefill
     seconds: float
+    prompt_len: int
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens.shape[1] - self.prompt_len
 
     @property
     def acceptance_rate(self) -> float:
@@ -110,8 +115,7 @@ class SpeculativeResult:
 
     @property
     def tokens_per_forward(self) -> float:
-        new = self.tokens.shape[1]
-        return new / max(1, self.main_forwards)
+        return self.new_tokens / max(1, self.main_forwards)
 
 
 @torch.no_grad()
@@ -133,9 +137,7 @@ def speculative_generate(
     model.eval()
     ids = _as_batch(prompt, model.device)
     if ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative decoding here takes one prompt at a time, got a batch of {ids.shape[0]}"
-        )
+        raise ValueError(f"speculative decoding here takes one prompt at a time, got a batch of {ids.shape[0]}")
     t0 = time.perf_counter()
     mtp = model.mtp[0]
     cache, mtp_cache = model.new_cache(), KVCache()  # the MTP block keeps its own cache
@@ -182,12 +184,11 @@ def speculative_generate(
         accepted=accepted,
         main_forwards=forwards,
         seconds=time.perf_counter() - t0,
+        prompt_len=n0,
     )
 
 
-def _mtp_step(
-    model: Model, h: torch.Tensor, following: torch.Tensor, cache: KVCache, attn_mode: str
-) -> torch.Tensor:
+def _mtp_step(model: Model, h: torch.Tensor, following: torch.Tensor, cache: KVCache, attn_mode: str) -> torch.Tensor:
     """Run MTP module 1 on new positions: h (1, m, D) main hidden states, following (1, m) next tokens."""
     mtp = model.mtp[0]
     cos, sin = model.rope(cache.length, h.shape[1])
