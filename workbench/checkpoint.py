@@ -37,6 +37,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(path: Path, is_dir: bool = False) -> None:
+    """tempfile creates private (0600/0700) files; give the result the usual permissions."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +57,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _normal_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,6 +88,7 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None], over
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         fill(tmp)
+        _normal_permissions(tmp, is_dir=True)
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -94,9 +107,7 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None], over
     return path
 
 
-def save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file written atomically (tensors made contiguous; shared storage copied apart)."""
     path = Path(path)
     clean = {
@@ -108,6 +119,7 @@ def save_tensors(
     os.close(fd)
     try:
         save_file(clean, tmp, metadata=metadata)
+        _normal_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -126,9 +138,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
-        ) from e
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
 
 
 def read_json(path: str | Path) -> Any:
