@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 HAS_CUDA_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && echo 1)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast lint format bench tokenizer tiny-checkpoint lab clean
+.PHONY: setup run demo test test-fast lint format bench tokenizer tiny-checkpoint lab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(if $(HAS_CUDA_TORCH),--system-site-packages) $(VENV)
@@ -19,9 +19,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## the main job: train the tiny model end to end and report what it learned (runs/demo/report.json)
+## the main job: execute every lesson (classroom scale) and build the book site in book/_build/html
 run: setup
+	$(BIN)/python scripts/build_book.py
+
+## the end-to-end tour on the command line: train the tiny model and report what it learned
+demo: setup
 	$(BIN)/python -m workbench demo --out runs/demo
+
+## JupyterLab on the lessons, with the project's kernel
+lab: setup
+	$(BIN)/jupyter lab notebooks/
 
 ## every test (CPU; GPU tests skip without CUDA) and the lint check
 test: setup
@@ -49,4 +57,4 @@ tiny-checkpoint: setup
 	$(BIN)/python scripts/make_tiny_checkpoint.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache book/_build book/lessons
