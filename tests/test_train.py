@@ -87,3 +87,17 @@ def test_bad_train_config_is_rejected():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tmp_path, small_dataset):
+    train(CONFIG, _tc(steps=2), tmp_path, dataset=small_dataset, progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="already holds a training run"):
+        train(CONFIG, _tc(steps=2), tmp_path, dataset=small_dataset, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    train(CONFIG, _tc(steps=2), tmp_path, dataset=small_dataset, progress=False, overwrite=True)
+
+
+def test_vocabulary_too_small_for_the_data_is_refused(small_dataset):
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(CONFIG.replace(vocab_size=512), _tc(steps=1), dataset=small_dataset, progress=False)

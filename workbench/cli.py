@@ -42,9 +42,7 @@ def _model_dir(path: str) -> Path:
     for candidate in (p, p / "model", p / "checkpoint" / "model"):
         if (candidate / "config.json").exists():
             return candidate
-    raise FileNotFoundError(
-        f"no model at {path}: expected config.json there, in model/ or in checkpoint/model/"
-    )
+    raise FileNotFoundError(f"no model at {path}: expected config.json there, in model/ or in checkpoint/model/")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,15 +72,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from workbench.data import TokenDataset, load_text_files
         from workbench.tokenizer import load_tokenizer
 
-        dataset = TokenDataset.from_documents(
-            load_text_files(args.text_files), load_tokenizer(), seed=args.data_seed
-        )
+        dataset = TokenDataset.from_documents(load_text_files(args.text_files), load_tokenizer(), seed=args.data_seed)
     result = train(
         model_config,
         tc,
         args.out,
         dataset=dataset,
         resume=args.resume,
+        overwrite=args.overwrite,
         stop_at=args.stop_at,
         progress=not args.no_progress,
     )
@@ -182,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a ModelConfig field, e.g. --set n_routed_experts=16 (repeatable)",
     )
-    t.add_argument(
-        "--attn-mode", choices=["naive", "absorb"], help="MLA mode used in training (default: naive)"
-    )
+    t.add_argument("--attn-mode", choices=["naive", "absorb"], help="MLA mode used in training (default: naive)")
     t.add_argument("--steps", type=int, default=300, help="optimiser steps in total (default: 300)")
     t.add_argument("--out", required=True, help="run folder for metrics.jsonl and checkpoint/")
     t.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
@@ -192,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     t.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps (default: 30)")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    t.add_argument(
-        "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)"
-    )
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)")
     t.add_argument("--eval-every", type=int, default=50, help="steps between validation losses (default: 50)")
     t.add_argument(
         "--checkpoint-every",
@@ -202,12 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="steps between checkpoints; 0 = only at the end (default: 0)",
     )
-    t.add_argument(
-        "--seed", type=int, default=0, help="seed for initialisation and batch sampling (default: 0)"
-    )
-    t.add_argument(
-        "--n-docs", type=int, default=4000, help="documents in the generated corpus (default: 4000)"
-    )
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling (default: 0)")
+    t.add_argument("--n-docs", type=int, default=4000, help="documents in the generated corpus (default: 4000)")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the generated corpus (default: 0)")
     t.add_argument(
         "--text-files",
@@ -215,12 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="train on your own UTF-8 text files or folders of *.txt instead of the generated corpus",
     )
-    t.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (default: auto)"
-    )
-    t.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint; same losses as never stopping"
-    )
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (default: auto)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint; same losses as never stopping")
+    t.add_argument("--overwrite", action="store_true", help="start afresh even if OUT already holds a run")
     t.add_argument(
         "--stop-at",
         type=int,
@@ -250,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy only)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    g.add_argument(
-        "--tokenizer", default=None, help="tokenizer.json (default: the shipped data/tokenizer.json)"
-    )
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped data/tokenizer.json)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     g.set_defaults(func=cmd_generate)
 

@@ -55,7 +55,7 @@ def run_demo(
     untrained = Model(config)
     usage_init = expert_usage_by_domain(untrained, dataset)
     t0 = time.perf_counter()
-    result = train(config, tc, out, dataset=dataset, progress=progress, model=_copy(untrained))
+    result = train(config, tc, out, dataset=dataset, progress=progress, model=_copy(untrained), overwrite=True)
     model = result.model
     seconds = time.perf_counter() - t0
     first, last = result.metrics[0], result.metrics[-1]

@@ -156,6 +156,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     model: Model | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a model; returns it with the per-step metrics.
 
@@ -163,15 +164,16 @@ def train(
     resume: continue from ``out_dir/checkpoint`` if it exists (same losses as never stopping).
     stop_at: stop after this step (and checkpoint), as if interrupted; resume later with the same config.
     model: start from these weights instead of a fresh initialisation.
+    overwrite: start afresh even if ``out_dir`` already holds a run (otherwise that is an error).
     """
     device = resolve_device(tc.device)
     out = Path(out_dir) if out_dir is not None else None
     dataset = dataset if dataset is not None else default_dataset(tc)
-    vocab_needed = getattr(dataset, "vocab_size", None)
-    if vocab_needed is not None and vocab_needed > model_config.vocab_size:
+    largest_id = int(dataset.tokens["train"].max())
+    if largest_id >= model_config.vocab_size:
         raise ConfigError(
-            f"the tokenizer has {vocab_needed} tokens but vocab_size={model_config.vocab_size}; "
-            f"set vocab_size >= {vocab_needed}"
+            f"the data holds token id {largest_id} but vocab_size={model_config.vocab_size}; "
+            f"set vocab_size >= {largest_id + 1} (the tokenizer's size)"
         )
 
     torch.manual_seed(tc.seed)
@@ -188,6 +190,11 @@ def train(
         start_step = load_training_checkpoint(ckpt, model, optimizer, sampler, tc)
         metrics = _read_metrics(out / "metrics.jsonl", upto=start_step)
     elif out is not None:
+        if ckpt.exists() and not overwrite:
+            raise CheckpointError(
+                f"{out} already holds a training run; pass resume=True (--resume) to continue it, "
+                "overwrite=True (--overwrite) to start again, or choose another output folder"
+            )
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if out is not None:
@@ -292,9 +299,7 @@ def load_training_checkpoint(
             )
     loaded = load_hf(path / "model", device="cpu")
     if dataclasses.asdict(loaded.config) != dataclasses.asdict(model.config):
-        raise CheckpointError(
-            f"cannot resume {path}: its model config differs from this run's; use a new --out"
-        )
+        raise CheckpointError(f"cannot resume {path}: its model config differs from this run's; use a new --out")
     model.load_state_dict(loaded.state_dict())
     _load_optimizer(optimizer, load_tensors(path / "optimizer.safetensors"), state["param_groups"])
     sampler.set_state(torch.tensor(state["sampler_state"], dtype=torch.uint8))
@@ -313,9 +318,7 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return {k: v.cpu() for k, v in tensors.items()}, groups
 
 
-def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
-) -> None:
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
