@@ -5,7 +5,8 @@ The package reads in the order of the ideas: ``config`` -> ``rope`` / ``mla`` / 
 """
 
 from workbench.config import ConfigError, ModelConfig
+from workbench.hf import load_hf, save_hf
 from workbench.model import Model, ModelOutput
 
-__all__ = ["ConfigError", "Model", "ModelConfig", "ModelOutput"]
+__all__ = ["ConfigError", "Model", "ModelConfig", "ModelOutput", "load_hf", "save_hf"]
 __version__ = "0.1.0"

@@ -261,7 +261,7 @@ class ModelConfig:
             "rope_interleave": True,
             "bos_token_id": 0,
             "eos_token_id": 1,
-            "torch_dtype": "float32",
+            "dtype": "float32",  # transformers 5's name for the old "torch_dtype"
             "workbench": knobs,
         }
         return hf
@@ -291,8 +291,11 @@ class ModelConfig:
         if isinstance(rp, dict):
             if "rope_theta" in rp:
                 values["rope_theta"] = rp["rope_theta"]
-            if rp.get("rope_type", "default") not in ("default", None):
-                values["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            if kind not in ("default", None):
+                # back to DeepSeek's legacy rope_scaling form: {"type": ..., factor, ...}
+                scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type", "type")}
+                values["rope_scaling"] = {"type": kind, **scaling}
         if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
             values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
         for key in ("n_group", "topk_group"):

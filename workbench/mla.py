@@ -45,6 +45,10 @@ from workbench.config import ModelConfig
 from workbench.layers import RMSNorm
 from workbench.rope import apply_rope, softmax_scale
 
+# The norms of the compressed query and latent use a fixed eps, not config.rms_norm_eps: so do
+# DeepSeek's reference code and transformers (their RMSNorm default), and checkpoints expect it.
+LATENT_NORM_EPS = 1e-6
+
 
 class KVCache:
     """What attention keeps between decoding steps, for every layer of one model.
@@ -108,10 +112,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
