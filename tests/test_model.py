@@ -74,9 +74,7 @@ def test_absorbed_cache_holds_only_latent_and_rope_key():
         sizes[mode] = cache.nbytes()
     per_token_layer = 4 * 10 * config.num_hidden_layers  # fp32 bytes x tokens x layers
     assert sizes["absorb"] == per_token_layer * (config.kv_lora_rank + config.qk_rope_head_dim)
-    assert sizes["naive"] == per_token_layer * config.num_attention_heads * (
-        config.qk_head_dim + config.v_head_dim
-    )
+    assert sizes["naive"] == per_token_layer * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
 
 
 def test_cache_truncate_rolls_back():
@@ -145,6 +143,9 @@ def test_grouped_mm_dispatch_equals_per_expert_loop(monkeypatch):
     x = torch.randn(50, config.hidden_size)
     idx = torch.randint(0, config.n_routed_experts, (50, 2))
     w = torch.rand(50, 2)
+    import workbench.moe as moe
+
+    monkeypatch.setattr(moe, "_grouped_mm_ok", lambda x, w: False)  # the per-expert loop
     loop = experts(x, idx, w)
     # reference: token by token, expert by expert
     ref = torch.zeros_like(x)
@@ -154,10 +155,17 @@ def test_grouped_mm_dispatch_equals_per_expert_loop(monkeypatch):
             h = torch.nn.functional.silu(x[t] @ experts.gate_proj[e].T) * (x[t] @ experts.up_proj[e].T)
             ref[t] += w[t, j] * (h @ experts.down_proj[e].T)
     torch.testing.assert_close(loop, ref, atol=1e-5, rtol=1e-4)
-    import workbench.moe as moe
-
-    monkeypatch.setattr(moe, "_grouped_mm_fast", lambda x: True)  # grouped_mm also runs on CPU in fp32
+    monkeypatch.setattr(moe, "_grouped_mm_ok", lambda x, w: True)  # grouped_mm (also runs on CPU in fp32)
     torch.testing.assert_close(experts(x, idx, w), ref, atol=1e-5, rtol=1e-4)
+    # and the gradients of the two paths agree
+    grads = []
+    for use in (False, True):
+        monkeypatch.setattr(moe, "_grouped_mm_ok", lambda x, w, use=use: use)
+        experts.zero_grad()
+        (experts(x, idx, w) * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+        grads.append([p.grad.clone() for p in experts.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_no_token_is_dropped():
@@ -172,9 +180,7 @@ def test_no_token_is_dropped():
 
 def test_loss_free_bias_drives_maxvio_down_on_a_skewed_router():
     """A router that prefers a few experts: balancing by bias fixes it, no balancing does not."""
-    config = ModelConfig.from_preset(
-        "tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2
-    )
+    config = ModelConfig.from_preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2)
     torch.manual_seed(0)
     x = torch.randn(2048, config.hidden_size)
 
@@ -204,9 +210,7 @@ def test_loss_free_bias_drives_maxvio_down_on_a_skewed_router():
 def test_sequence_balance_loss_is_one_when_balanced_and_large_when_collapsed():
     E, k, T = 8, 2, 16
     uniform = torch.full((1, T, E), 0.5)
-    balanced_idx = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], dim=-1)[
-        None
-    ]  # every expert 4x
+    balanced_idx = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], dim=-1)[None]  # every expert 4x
     assert float(sequence_balance_loss(uniform, balanced_idx, E)) == pytest.approx(1.0)
     collapsed_scores = torch.zeros(1, T, E)
     collapsed_scores[..., :2] = 1.0
@@ -225,9 +229,7 @@ def test_loss_is_main_plus_weighted_mtp_plus_weighted_balance():
     torch.testing.assert_close(out.loss, expected)
     # main loss: position i predicts token i+1; MTP depth d: position i predicts token i+1+d
     logits = out.logits
-    manual = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1)
-    )
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.main_loss, manual)
     assert set(out.loss_parts()) == {"loss", "main_loss", "mtp_loss", "balance_loss"}
 
@@ -243,9 +245,7 @@ def test_mtp_depth_one_predicts_two_ahead():
     ahead = torch.nn.functional.pad(ids[:, 1:], (0, 1))
     h, _ = mtp(out.hidden, model.embed_tokens(ahead), cos, sin)
     lg = model.lm_head(mtp.shared_head.norm(h))
-    manual = torch.nn.functional.cross_entropy(
-        lg[:, :-2].reshape(-1, config.vocab_size), ids[:, 2:].reshape(-1)
-    )
+    manual = torch.nn.functional.cross_entropy(lg[:, :-2].reshape(-1, config.vocab_size), ids[:, 2:].reshape(-1))
     torch.testing.assert_close(out.mtp_losses[0], manual)
 
 

@@ -10,6 +10,8 @@ ours and back. On top of the architecture we keep the knobs of training that Dee
 * ``mtp_loss_weight`` (lambda): weight of the Multi-Token Prediction loss.
 * ``attn_mode``: ``"naive"`` (expand the latent into per-head keys and values, as in training) or
   ``"absorb"`` (fold the up-projections into the query and output, cache only the latent).
+* ``fp8``: run every linear layer's and routed expert's GEMMs in FP8 (E4M3, 1x128 activation tiles,
+  128x128 weight blocks) as DeepSeek-V3 trains, keeping FP32 master weights (see ``fp8.py``).
 
 Presets:
 
@@ -79,7 +81,8 @@ class ModelConfig:
     seq_aux_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss
     attn_mode: str = "naive"  # "naive" or "absorb"
-    use_grouped_mm: bool = True  # torch grouped_mm for the experts on CUDA when available
+    use_grouped_mm: bool = True  # one grouped_mm call for all experts where the kernel runs (CUDA bf16, CPU fp32)
+    fp8: bool = False  # FP8 GEMMs in every Linear (not embedding, head, norms, router) and routed expert
 
     # ---------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -209,6 +212,7 @@ class ModelConfig:
             self.attn_mode in ("naive", "absorb"),
             f"attn_mode must be 'naive' or 'absorb', got {self.attn_mode!r}",
         )
+        need(isinstance(self.fp8, bool), f"fp8 must be True or False, got {self.fp8!r}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("type", rs.get("rope_type"))
@@ -320,6 +324,7 @@ _TRAINING_KNOBS = (
     "mtp_loss_weight",
     "attn_mode",
     "use_grouped_mm",
+    "fp8",
 )
 
 

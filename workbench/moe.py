@@ -26,8 +26,10 @@ modelling loss the way an auxiliary loss does. DeepSeek-V3 keeps a tiny *sequenc
 
 Dispatch (``RoutedExperts``): the (token, expert) pairs are sorted by expert so that each expert
 multiplies one contiguous slice. ``torch.nn.functional.grouped_mm`` runs all the slices in one call
-(on CUDA in bf16, where the kernels are fast); elsewhere a loop over *experts* (never tokens) runs
-one matmul per expert. No token is ever dropped: there is no capacity factor.
+(on CUDA in bf16, and on CPU in float32 when the widths are 16-byte aligned); elsewhere a loop over
+*experts* (never tokens) runs one matmul per expert. No token is ever dropped: there is no capacity factor.
+With ``config.fp8`` that loop runs each expert's three GEMMs through ``fp8.fp8_linear`` instead
+(DeepSeek-V3 trains its experts in FP8 too; there is no grouped FP8 kernel here).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import ModelConfig
+from workbench.fp8 import fp8_linear
 from workbench.layers import MLP
 
 
@@ -112,6 +115,7 @@ class RoutedExperts(nn.Module):
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.n_experts = E
         self.use_grouped_mm = config.use_grouped_mm
+        self.fp8 = config.fp8
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))  # expert e: Linear(D -> I) weights
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))  # Linear(I -> D)
@@ -125,27 +129,36 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
         xs = x[token_of]  # (N*k, D), expert 0's tokens first, then expert 1's, ...
 
-        if self.use_grouped_mm and _grouped_mm_fast(xs):
+        if self.use_grouped_mm and not self.fp8 and _grouped_mm_ok(xs, self.gate_proj):
             offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
             h = F.silu(F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * F.grouped_mm(
                 xs, self.up_proj.transpose(1, 2), offs=offs
             )  # (N*k, I)
             ys = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N*k, D)
         else:
+            linear = fp8_linear if self.fp8 else F.linear  # FP8: quantised operands, see fp8.py
             outs = []
             for e, xe in enumerate(xs.split(counts.tolist())):  # a loop over experts, not tokens
                 if xe.shape[0] == 0:
                     continue
-                he = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)  # (n_e, I)
-                outs.append(he @ self.down_proj[e].T)  # (n_e, D)
+                he = F.silu(linear(xe, self.gate_proj[e])) * linear(xe, self.up_proj[e])  # (n_e, I)
+                outs.append(linear(he, self.down_proj[e]))  # (n_e, D)
             ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
 
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)  # weight each expert's output
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))  # (N, D) back in token order
 
 
-def _grouped_mm_fast(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel can run these experts: bf16 on CUDA; float32 on CPU when the
+    rows are 16-byte aligned (hidden and expert widths multiples of 4), which its CPU kernel requires."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16
+    return (
+        x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[1] % 4 == 0 and weight.shape[1] % 4 == 0
+    )
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -189,8 +202,6 @@ class MoE(nn.Module):
             topk_idx=topk_idx.view(B, T, k),
             topk_weight=topk_weight.view(B, T, k),
             counts=torch.bincount(topk_idx.reshape(-1), minlength=self.gate.n_experts),
-            balance_loss=sequence_balance_loss(
-                scores.view(B, T, -1), topk_idx.view(B, T, k), self.gate.n_experts
-            ),
+            balance_loss=sequence_balance_loss(scores.view(B, T, -1), topk_idx.view(B, T, k), self.gate.n_experts),
         )
         return y, stats
