@@ -42,9 +42,10 @@ def run_demo(
         kv = kv_cache_bytes_per_token(cfg)
         report[f"params_{name}"] = {k: counts[k] for k in ("total", "active", "mtp")}
         report[f"kv_bytes_per_token_{name}"] = kv
+        unit, div = ("B", 1e9) if counts["total"] > 1e9 else ("M", 1e6)
         print(
-            f"{name:>12}: {counts['total'] / 1e6:,.2f}M parameters, {counts['active'] / 1e6:,.2f}M active per "
-            f"token ({counts['active'] / counts['total']:.1%}); KV cache per token (bf16): MLA {kv['mla']:,} B vs "
+            f"{name:>12}: {counts['total'] / div:,.2f}{unit} parameters, {counts['active'] / div:,.2f}{unit} active "
+            f"per token ({counts['active'] / counts['total']:.1%}); KV cache per token (bf16): MLA {kv['mla']:,} B vs "
             f"MHA {kv['mha']:,} B ({kv['mha'] / kv['mla']:.1f}x smaller)"
         )
 
