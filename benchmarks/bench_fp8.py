@@ -1,4 +1,5 @@
-"""FP8 linear layer against a BF16 (or FP32) one: forward + backward time at several GEMM shapes.
+"""FP8 against BF16 (or FP32): one linear layer's forward + backward at several GEMM shapes, and a full
+training step of the model with ``fp8=False`` against ``fp8=True``.
 
 For each shape M x K x N (M tokens, K input features, N output features) the script times one
 forward and backward pass of ``nn.Linear`` and of ``workbench.fp8.FP8Linear`` with the same weights
@@ -12,9 +13,15 @@ beforehand), because FP8Linear's quantisation is plain torch code, not the fused
 uses, and the layer time includes it. On a CPU (or any other GPU) it says so and runs the simulated
 path (quantise, dequantise, FP32 matmul) at small shapes, which shows what the simulation costs.
 
+The training step builds the same model twice (``ModelConfig.fp8`` off and on, same weights), and
+times forward, backward, gradient clipping and an AdamW step on the same batch, as ``workbench.train``
+runs them (BF16 autocast on CUDA). With ``fp8=True`` every linear layer and each routed expert runs
+its GEMMs through ``FP8Linear`` / ``fp8_linear``; GEMMs whose sizes are not multiples of 128 (small
+experts' token counts, most widths of the small presets) take the simulated path even on Hopper.
+
     python benchmarks/bench_fp8.py                                  # CPU: small shapes, simulated
-    python benchmarks/bench_fp8.py --device cuda                    # H100: 4096^3, 8192^3, ...
-    python benchmarks/bench_fp8.py --shapes 2048x7168x2048 --iters 50
+    python benchmarks/bench_fp8.py --device cuda                    # H100: 4096^3, 8192^3, ... and the gpu preset
+    python benchmarks/bench_fp8.py --shapes 2048x7168x2048 --iters 50 --skip-model
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench import fp8  # noqa: E402
+from workbench import Model, ModelConfig, fp8  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 CUDA_SHAPES = "4096x4096x4096,8192x8192x8192,16384x7168x2048"
@@ -61,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grad-fmt", default="e4m3", choices=["e4m3", "e5m2"], help="FP8 format of dY")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preset", default=None, help="model of the training-step comparison (default: gpu on CUDA, tiny on CPU)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per training step (default 8 CUDA, 4 CPU)"
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024 CUDA, 128 CPU)")
+    parser.add_argument("--skip-model", action="store_true", help="only the linear-layer shapes, no training step")
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
@@ -68,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.shapes = args.shapes or (CUDA_SHAPES if on_cuda else CPU_SHAPES)
     args.dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
     args.iters = args.iters or (20 if on_cuda else 3)
+    args.preset = args.preset or ("gpu" if on_cuda else "tiny")
+    args.batch_size = args.batch_size or (8 if on_cuda else 4)
+    args.seq_len = args.seq_len or (1024 if on_cuda else 128)
+    if args.preset not in ModelConfig.preset_names() or args.preset == "deepseek-v3":
+        parser.error(f"--preset must be one of tiny, small, gpu; got {args.preset!r}")
     try:
         args.shape_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     except ValueError:
@@ -165,6 +185,48 @@ def main(argv: list[str] | None = None) -> None:
         del base, layer, x, grad
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if not args.skip_model:
+        print()
+        train_step(args, device, fast)
+
+
+def train_step(args: argparse.Namespace, device: torch.device, fast: bool) -> None:
+    """A full training step (forward, backward, clipping, AdamW) with fp8=False and fp8=True."""
+    config = ModelConfig.from_preset(args.preset)
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    torch.manual_seed(args.seed)
+    reference = Model(config).to(device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times, losses = {}, {}
+    for name, use_fp8 in (("baseline", False), ("fp8", True)):
+        model = Model(config.replace(fp8=use_fp8)).to(device).train()
+        model.load_state_dict(reference.state_dict())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model: Model = model, opt: torch.optim.Optimizer = opt, name: str = name) -> None:
+            with autocast:
+                out = model(ids, labels=ids)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses[name] = float(out.loss.detach())
+
+        times[name] = timed(step, device, max(1, args.iters // 2), args.warmup)
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tokens = args.batch_size * args.seq_len
+    base = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"full training step: preset {args.preset}, {args.batch_size} x {args.seq_len} tokens, baseline {base}")
+    for name, t in times.items():
+        print(f"  {name:>8}: {t * 1e3:10.1f} ms/step  {tokens / t:12,.0f} tokens/s  loss {losses[name]:.4f}")
+    print(f"  ratio fp8 / baseline: {times['fp8'] / times['baseline']:.2f} (below 1 means FP8 is faster)")
+    if not fast:
+        print(
+            "  FP8 GEMMs were simulated (quantise, dequantise, FP32 matmul): this measures the cost of the\n"
+            "  simulation, not FP8 speed. The speed path needs sm90 (CUDA compute capability 9.0, Hopper)."
+        )
 
 
 if __name__ == "__main__":

@@ -314,11 +314,11 @@ def test_strict_false_keeps_fresh_init_with_warning(saved, tmp_path):
     assert torch.equal(loaded.layers[1].self_attn.o_proj.weight, model.layers[1].self_attn.o_proj.weight)
 
 
-def test_quantized_checkpoint_is_refused(saved, tmp_path):
+def test_unknown_quantization_is_refused(saved, tmp_path):
     _, path = saved
     broken = _copy(path, tmp_path / "b")
     config = json.loads((broken / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}  # a scheme we do not read
     (broken / "config.json").write_text(json.dumps(config))
     _load_fails(broken, "quantization_config")
 

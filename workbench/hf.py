@@ -68,6 +68,15 @@ from workbench.checkpoint import (
     write_folder_atomically,
 )
 from workbench.config import ConfigError, ModelConfig
+from workbench.fp8 import (
+    FP8_QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    WEIGHT_BLOCK,
+    check_quantization_config,
+    dequantize_state_dict_fp8,
+    fp8_dequantized_note,
+    quantize_state_dict_fp8,
+)
 from workbench.model import Model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -223,26 +232,34 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = True,
+    fp8: bool = False,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder that transformers and ``load_hf`` read.
 
     dtype: cast floating weights to it (default: keep the model's); the router bias stays float32.
     max_shard_bytes: above this total size the weights are split into shards plus an index file.
     The folder is written atomically: on any failure nothing at ``path`` changes.
+    fp8: write DeepSeek's FP8 layout: linear weights in float8_e4m3fn with a float32 ``<name>_scale_inv``
+        per 128x128 block, quantised from the model's own weights (the embedding, head, norms and router
+        stay in ``dtype``), and ``quantization_config`` in config.json (see ``workbench.fp8``).
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    hf_sd = {name: t.detach() for name, t in to_hf_state_dict(model).items()}
+    if fp8:
+        hf_sd = quantize_state_dict_fp8(hf_sd)  # from the full-precision weights, before any cast
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in to_hf_state_dict(model).items():
-        t = t.detach()
-        if name.endswith(_BIAS):
+    for name, t in hf_sd.items():
+        if name.endswith((_BIAS, SCALE_SUFFIX)):
             t = t.float()
-        elif dtype is not None and t.is_floating_point():
+        elif dtype is not None and t.is_floating_point() and t.dtype != torch.float8_e4m3fn:
             t = t.to(dtype)
         tensors[name] = t.cpu()
     weights_dtype = tensors["model.embed_tokens.weight"].dtype
     config = model.config.to_hf()
     config["dtype"] = str(weights_dtype).removeprefix("torch.")
+    if fp8:
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
 
     shards = _plan_shards(tensors, max_shard_bytes)
 
@@ -304,11 +321,12 @@ def load_hf(
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
     hf_config = read_hf_config(folder)
+    block = WEIGHT_BLOCK
     if hf_config.get("quantization_config"):
-        raise CheckpointError(
-            f"{folder / CONFIG_NAME} declares quantization_config {hf_config['quantization_config']}; "
-            "load_hf reads unquantized checkpoints only (dequantize the FP8 weights first)"
-        )
+        try:
+            block = check_quantization_config(hf_config["quantization_config"])
+        except ValueError as e:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
     try:
         config = ModelConfig.from_hf(hf_config, **overrides)
     except (ConfigError, TypeError) as e:
@@ -316,6 +334,7 @@ def load_hf(
 
     files = _tensor_files(folder)
     found = _read_shapes(files)  # name -> (shape, dtype, file)
+    scales = {n: found.pop(n) for n in [n for n in found if n.endswith(SCALE_SUFFIX)]}  # FP8 block scales
 
     with torch.device(device):
         model = Model(config)
@@ -392,8 +411,14 @@ def load_hf(
     hf_sd: dict[str, torch.Tensor] = {}
     for file in files:
         for name, t in load_tensors(file).items():
-            if name in wanted:
+            if name in wanted or name.removesuffix(SCALE_SUFFIX) in wanted:
                 hf_sd[name] = t
+    if scales or any(stored_dtype.startswith("F8") for _, stored_dtype, _ in found.values()):
+        try:
+            hf_sd = dequantize_state_dict_fp8(hf_sd, dtype=dtype, block=block)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {folder}: {e}") from e
+        warnings.warn(fp8_dequantized_note(str(folder), len(scales), dtype, device), stacklevel=2)
     ours = from_hf_state_dict(config, hf_sd)
     result = model.load_state_dict(ours, strict=False)
     if result.unexpected_keys:  # cannot happen after the checks above; guard against future drift

@@ -12,6 +12,10 @@ same ids as ``input_ids`` (or -100 where no loss is wanted); the model shifts th
 After each optimiser step call ``model.update_expert_bias(output.routing)`` to apply DeepSeek-V3's
 auxiliary-loss-free balancing (see ``moe.py``); ``workbench.train`` does this for you.
 
+With ``config.fp8`` the linear layers become ``fp8.FP8Linear`` (same parameters, same state-dict
+keys; the embedding, head, norms and routers stay in high precision) and the routed experts run their
+GEMMs through ``fp8.fp8_linear``: the whole model trains on DeepSeek-V3's FP8 path.
+
 Parameter names match Hugging Face's ``DeepseekV3ForCausalLM`` without its ``model.`` prefix, except
 that the routed experts of a layer are stored stacked (``mlp.experts.gate_proj`` of shape
 (E, I, D)) and MTP modules live in ``mtp``; ``workbench.hf`` converts both ways.
@@ -27,6 +31,7 @@ from torch import nn
 
 from workbench.block import Block
 from workbench.config import ModelConfig
+from workbench.fp8 import convert_to_fp8
 from workbench.layers import RMSNorm
 from workbench.mla import KVCache
 from workbench.moe import RoutedExperts, Router, RoutingStats
@@ -82,6 +87,8 @@ class Model(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, d_rope/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if config.fp8:
+            convert_to_fp8(self)  # Linear -> FP8Linear sharing its weight; keeps embedding, head, norms, router
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
