@@ -18,7 +18,8 @@ lessons plot. ``<out>/checkpoint`` holds the latest checkpoint, written atomical
 Because the model, the optimiser, the schedule (a function of the step) and the data sampler's
 random state are all restored, a resumed run produces the same losses as an uninterrupted one.
 Simplifications against DeepSeek-V3: no batch-size warmup, no pipeline/expert parallelism, bf16
-autocast by default (``ModelConfig(fp8=True)`` trains through ``workbench.fp8`` instead; see lesson 6), and a cosine schedule instead of their staged one.
+autocast by default (``ModelConfig(fp8=True)`` trains through ``workbench.fp8`` instead; see
+lesson 6), and a cosine schedule instead of their staged one.
 """
 
 from __future__ import annotations
