@@ -5,6 +5,9 @@ Commands:
   generate  continue a prompt with a trained model (latent KV cache; optional MTP speculation)
   info      parameter counts, active parameters, KV cache bytes and FLOPs of a preset or checkpoint
   demo      the end-to-end tour: train the tiny model, evaluate it, generate, speculate, look at routing
+  grpo      R1-style reinforcement learning with rule-based rewards (GRPO, Dr. GRPO, DAPO switches)
+  sft       supervised fine-tuning: cold start on reasoning traces, or on rejection-sampled outputs
+  distill   a teacher's verified traces (and logits) into a smaller student, with the comparison
 """
 
 from __future__ import annotations
@@ -267,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    from workbench.rl.cli import add_subcommands  # R1: grpo, sft, distill
+
+    add_subcommands(sub)
     return p
 
 

@@ -1,0 +1,493 @@
+"""GRPO: Group Relative Policy Optimization, with the Dr. GRPO and DAPO variants as switches.
+
+The idea (DeepSeekMath, then DeepSeek-R1)
+-----------------------------------------
+PPO needs a value network to tell a good action from a lucky one. GRPO drops it: for each prompt it
+samples a *group* of G completions, scores each with the rule-based reward r_i, and uses the group as
+its own baseline. Every token of completion i gets the same advantage
+
+    A_i = (r_i - mean(r_1..G)) / std(r_1..G)            (std: unbiased, plus 1e-4)
+
+so a completion is pushed up exactly when it did better than its siblings. The policy then takes
+``inner_steps`` (mu) optimiser steps on the batch, maximising PPO's clipped surrogate per token t,
+
+    ratio_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+    J_t     = min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_t
+
+where pi_old is the policy that sampled the batch (so the first inner step has ratio 1) and KL_t is the
+"k3" estimator of KL(pi || pi_ref) against the frozen starting model,
+
+    KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (>= 0, and 0 when the two agree)
+
+The loss is -J averaged over tokens; *how* it is averaged is one of the switches below.
+
+The switches (``GRPOConfig``)
+-----------------------------
+* ``scale_rewards`` (default True): divide by the group's std. **Dr. GRPO** ("Understanding R1-Zero-
+  like training", Liu et al. 2025) sets it False: dividing by std up-weights groups that are nearly
+  all right or all wrong, a difficulty bias.
+* ``loss_agg``: ``"sequence"`` (GRPO: mean over a completion's tokens, then over completions; a long
+  wrong answer is penalised less per token than a short one, so wrong answers drift longer),
+  ``"token"`` (**DAPO**: one mean over all tokens of the batch), ``"constant"`` (**Dr. GRPO**: sum over
+  tokens divided by completions x ``max_new_tokens``, a constant, so no length bias at all).
+* ``clip_eps`` / ``clip_eps_high``: **DAPO's clip-higher** makes the upper bound looser
+  (0.2 / 0.28), so that unlikely tokens with positive advantage can grow (it fights entropy collapse).
+* ``drop_uniform_groups``: DAPO's dynamic sampling, simplified: groups whose rewards are all equal
+  (zero advantage) are dropped from the loss. DAPO samples more prompts until the batch is full again;
+  we train on a smaller batch instead.
+* ``beta``: the KL weight (DeepSeekMath: 0.04; DAPO and Dr. GRPO use 0).
+
+``GRPOConfig.variant("grpo" | "dr_grpo" | "dapo")`` sets the switches of each paper. With every switch
+off (``beta=0``, ``inner_steps=1``, ``scale_rewards=False``) GRPO is REINFORCE with a per-prompt
+mean baseline: with one inner step the ratio is 1 and the clip never acts.
+
+Per step ``grpo_train`` logs (one JSON-friendly dict): reward, accuracy and format rate of the sampled
+completions, response length, KL to the reference, clip fraction, entropy of the policy, the fraction of
+groups that carried no signal, loss, gradient norm, and held-out accuracy every ``eval_every`` steps.
+
+Where it simplifies
+-------------------
+One process samples and trains (no separate inference engine); the sampler is our ``generate`` with
+the latent cache, and the log-probabilities used for the ratio are recomputed by a full forward pass,
+so sampler and trainer never disagree numerically. No reward model, no value model. The MoE routers'
+balancing bias is not updated during RL (routing stays as pre-training left it). DeepSeek-R1 used
+thousands of prompts per step and completions of thousands of tokens; we use a few dozen of each.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.config import ConfigError
+from workbench.model import Model
+from workbench.rl.rewards import combine
+from workbench.rl.rollout import Rollouts, encode_prompt, evaluate, pad_sequences, sample_completions, score, stop_ids
+from workbench.rl.tasks import Example, Task
+from workbench.tokenizer import Tokenizer, load_tokenizer
+from workbench.train import TrainConfig, make_optimizer, resolve_device
+
+LOSS_AGGREGATIONS = ("sequence", "token", "constant")
+
+
+@dataclass
+class GRPOConfig:
+    """Every knob of a GRPO run. Defaults: DeepSeekMath's GRPO at CI scale on the tiny model."""
+
+    steps: int = 30  # rollout batches; each is followed by inner_steps optimiser steps
+    prompts_per_step: int = 16
+    group_size: int = 8  # G: completions sampled per prompt
+    inner_steps: int = 2  # mu: optimiser steps on each batch of rollouts
+    lr: float = 1e-4  # RL gradients are noisy: a small model drifts (and forgets) at larger rates
+    warmup_steps: int = 10  # optimiser steps of linear warmup, then constant (a fresh AdamW's first
+    # steps move every weight by about lr whatever the gradient, which can wreck a small policy)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0 disables)
+    beta: float = 0.04  # weight of the KL penalty to the reference model
+    log_kl: bool = True  # keep a reference model to log the KL even when beta = 0 (one more forward)
+    clip_eps: float = 0.2  # eps_low: the ratio is clipped below at 1 - clip_eps
+    clip_eps_high: float | None = None  # eps_high (DAPO clip-higher: 0.28); None: same as clip_eps
+    scale_rewards: bool = True  # divide advantages by the group std (GRPO); False: Dr. GRPO
+    loss_agg: str = "sequence"  # "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO)
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling (as filtering): no loss on zero-signal groups
+    accuracy_weight: float = 1.0  # reward = accuracy_weight * accuracy + format_weight * format
+    format_weight: float = 0.5
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0
+    max_new_tokens: int = 48  # completion budget (also the constant of loss_agg="constant")
+    micro_batch_size: int = 0  # sequences per forward/backward (0: the whole batch at once)
+    eval_every: int = 10  # steps between held-out evaluations (0: only before and after)
+    eval_problems: int = 64  # held-out (test split) problems
+    eval_samples: int = 4  # samples per problem (pass@1 is their mean accuracy)
+    eval_temperature: float = 1.0  # 0: greedy
+    eval_seed: int = 0  # which held-out problems
+    pool_size: int = 4096  # training prompts are drawn from this many train-split problems
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "inner_steps", "max_new_tokens", "eval_problems", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (the group is the baseline), got {self.group_size}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ConfigError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        for name in ("beta", "clip_eps", "warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_eps_high is not None and self.clip_eps_high < 0:
+            raise ConfigError(f"clip_eps_high must be >= 0 or None, got {self.clip_eps_high}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def eps_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    @classmethod
+    def variant(cls, name: str, **overrides: Any) -> GRPOConfig:
+        """The switches of a paper: ``grpo`` (DeepSeekMath), ``dr_grpo`` (Liu et al.), ``dapo`` (Yu et al.)."""
+        if name not in VARIANTS:
+            raise ConfigError(f"unknown GRPO variant {name!r}; choose one of {', '.join(VARIANTS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown GRPOConfig field(s) {sorted(unknown)}")
+        return cls(**{**VARIANTS[name], **overrides})
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "grpo": dict(scale_rewards=True, loss_agg="sequence", clip_eps_high=None, drop_uniform_groups=False),
+    "dr_grpo": dict(scale_rewards=False, loss_agg="constant", clip_eps_high=None, drop_uniform_groups=False),
+    "dapo": dict(
+        scale_rewards=True, loss_agg="token", clip_eps=0.2, clip_eps_high=0.28, drop_uniform_groups=True, beta=0.0
+    ),
+}
+
+
+# =====================================================================================================
+# The pieces, as small functions (each is unit-tested by hand-computed examples)
+# =====================================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (N,) in groups of ``group_size`` consecutive rows -> advantages (N,).
+
+    ``r - mean(group)``, divided by ``std(group) + eps`` (unbiased std) when ``scale``.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # (groups, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool: True for rows whose group's rewards are all equal (no learning signal)."""
+    r = rewards.float().view(-1, group_size)
+    same = (r == r[:, :1]).all(dim=1, keepdim=True)  # (groups, 1)
+    return same.expand_as(r).reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from samples of pi: e^(ref-logp) - (ref-logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token.
+
+    logp, old_logp: (N, T); adv: (N,) or (N, T). Returns (objective (N, T), clipped_low, clipped_high),
+    the last two bool (N, T): where the clip bound (not the ratio) set the objective, i.e. where the
+    gradient is cut because the ratio already moved past 1 - eps_low (A < 0) or 1 + eps_high (A > 0).
+    """
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    objective = torch.minimum(unclipped, clipped)
+    clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
+    clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
+    return objective, clipped_low, clipped_high
+
+
+def token_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+    """(N, T) weights w with loss = sum(w * per_token_loss): the loss aggregation, made explicit.
+
+    mask (N, T): 1 on the completion tokens that count (rows of dropped groups are all 0).
+    ``sequence``: 1 / (|o_i| * n), ``token``: 1 / sum|o|, ``constant``: 1 / (n * max_new_tokens), with n
+    the number of rows that have any token. Because the weights are computed for the whole batch
+    first, splitting it into micro-batches gives exactly the same gradient.
+    """
+    mask = mask.float()
+    lengths = mask.sum(dim=1)  # (N,)
+    n_rows = (lengths > 0).sum().clamp(min=1)
+    if loss_agg == "sequence":
+        return mask / (lengths.clamp(min=1)[:, None] * n_rows)
+    if loss_agg == "token":
+        return mask / mask.sum().clamp(min=1)
+    if loss_agg == "constant":
+        return mask / (n_rows * max_new_tokens)
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+
+
+def token_logprobs(model: Model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (N, T) -> (log-probability of each next token (N, T-1), logits (N, T-1, V) in float32)."""
+    logits = model(ids, compute_mtp=False).logits[:, :-1].float()  # (N, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    return logp, logits
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution: logits (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def grpo_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: GRPOConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a (micro-)batch: sum(weights * -(surrogate - beta * KL)), and masked statistics."""
+    objective, low, high = clipped_surrogate(logp, old_logp, adv, cfg.clip_eps, cfg.eps_high)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = -(objective - cfg.beta * kl)
+    live = weights > 0
+    # where(), not a product: a padded position's value may be inf, and 0 * inf is nan
+    loss = torch.where(live, weights * per_token, torch.zeros_like(per_token)).sum()
+    stats = {"kl_sum": kl.detach()[live].sum(), "clip_low": low[live].sum(), "clip_high": high[live].sum()}
+    stats["tokens"] = live.sum()
+    return loss, stats
+
+
+# =====================================================================================================
+# The training loop
+# =====================================================================================================
+
+
+@dataclass
+class GRPOResult:
+    model: Model
+    metrics: list[dict[str, Any]]  # one row per step
+    before: dict[str, Any]  # held-out evaluation before the first step
+    after: dict[str, Any]  # and after the last
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _constant_lr(step: int, cfg: GRPOConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def make_rl_optimizer(model: Model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as in pre-training (``workbench.train.make_optimizer``), with RL's learning rate."""
+    return make_optimizer(model, TrainConfig(lr=lr, weight_decay=weight_decay))
+
+
+def grpo_train(
+    model: Model,
+    task: Task,
+    cfg: GRPOConfig | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    ref_model: Model | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    train_examples: list[Example] | None = None,
+) -> GRPOResult:
+    """Train ``model`` on ``task`` with GRPO (in place); returns it with per-step metrics and before/after.
+
+    ref_model: the frozen reference of the KL term (default: a copy of ``model`` as it starts).
+    out_dir: if given, ``metrics.jsonl`` (one line per step) is written there as the run goes.
+    train_examples: the prompts to train on (default: ``pool_size`` train-split problems).
+    """
+    cfg = cfg or GRPOConfig()
+    tok = tokenizer or load_tokenizer()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    if cfg.beta > 0 or cfg.log_kl:
+        ref = ref_model if ref_model is not None else copy.deepcopy(model)
+        ref.to(device).eval().requires_grad_(False)
+    else:
+        ref = None
+    optimizer = make_rl_optimizer(model, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    stops = stop_ids(tok)
+
+    pool = train_examples or task.sample(min(cfg.pool_size, cfg.steps * cfg.prompts_per_step), cfg.seed, "train")
+    order_rng = random.Random(cfg.seed)
+    order: list[int] = []
+
+    held_out = task.sample(cfg.eval_problems, seed=cfg.eval_seed, split="test")
+
+    def run_eval() -> dict[str, Any]:
+        return evaluate(
+            model,
+            task,
+            held_out,
+            tok,
+            n_samples=cfg.eval_samples,
+            temperature=cfg.eval_temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.eval_seed,
+        )
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+
+    before = last_eval = run_eval()
+    metrics: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    opt_step = 0
+    bar = tqdm(range(cfg.steps), disable=not progress, desc="grpo", unit="step")
+    for step in bar:
+        # 1. rollouts: G completions for each of this step's prompts ---------------------------------
+        batch = []
+        for _ in range(cfg.prompts_per_step):
+            if not order:
+                order = list(range(len(pool)))
+                order_rng.shuffle(order)
+            batch.append(pool[order.pop()])
+        prompts = [encode_prompt(tok, task.prompt(ex)) for ex in batch]
+        ro = sample_completions(
+            model,
+            prompts,
+            cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=stops,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            generator=gen,
+        )
+        parts = score(task, batch, ro, tok)
+        weights_of = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}
+        rewards = torch.tensor([combine(p, weights_of) for p in parts])  # (N,)
+
+        # 2. advantages and the token weights of the loss ---------------------------------------------
+        adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards).to(device)  # (N,)
+        uniform = uniform_groups(rewards, cfg.group_size)
+        ids, mask = pad_sequences(ro, tok.pad_id, device)  # (N, T), (N, T-1)
+        if cfg.drop_uniform_groups:
+            mask = mask * (~uniform).float().to(device)[:, None]
+        weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+
+        # 3. inner optimisation steps ----------------------------------------------------------------
+        row = _train_on_batch(model, ref, optimizer, ids, mask, adv, weights, cfg, opt_step)
+        opt_step += cfg.inner_steps if row["updated"] else 0
+
+        row = {
+            "step": step + 1,
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.view(-1, cfg.group_size).std(dim=1).mean()),
+            "accuracy": sum(p["accuracy"] for p in parts) / len(parts),
+            "format": sum(p["format"] for p in parts) / len(parts),
+            "response_length": sum(ro.lengths) / len(ro),
+            "truncated": 1.0 - sum(ro.finished) / len(ro),
+            "zero_signal_groups": float(uniform.view(-1, cfg.group_size)[:, 0].float().mean()),
+            **row,
+            "elapsed_s": round(time.perf_counter() - t0, 3),
+        }
+        last = step + 1 == cfg.steps
+        if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            ev = last_eval = run_eval()
+            row.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, float)})
+        metrics.append(row)
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
+    bar.close()
+    return GRPOResult(model=model, metrics=metrics, before=before, after=last_eval, config=asdict(cfg))
+
+
+def _train_on_batch(
+    model: Model,
+    ref: Model | None,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: GRPOConfig,
+    opt_step: int,
+) -> dict[str, Any]:
+    """mu optimiser steps on one batch of rollouts; returns the step's training statistics."""
+    N = ids.shape[0]
+    mb = cfg.micro_batch_size or N
+    chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
+    live_tokens = float((weights > 0).sum())
+    stats_out: dict[str, Any] = {"updated": live_tokens > 0}
+    if live_tokens == 0:  # every group was uniform and dropped: nothing to learn from this batch
+        stats_out.update(kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, entropy=0.0)
+        stats_out.update(loss=0.0, grad_norm=0.0, lr=_constant_lr(opt_step, cfg))
+        return stats_out
+
+    with torch.no_grad():
+        ref_logp = [token_logprobs(ref, ids[c])[0] for c in chunks] if ref is not None else [None] * len(chunks)
+    old_logp: list[torch.Tensor] = []
+    totals = {"kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0, "grad_norm": 0.0}
+    entropy_sum = 0.0
+    for inner in range(cfg.inner_steps):
+        lr = _constant_lr(opt_step + inner, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for k, c in enumerate(chunks):
+            logp, logits = token_logprobs(model, ids[c])
+            if inner == 0:  # the sampling policy is the current one: ratio = 1 on the first inner step
+                old_logp.append(logp.detach())
+                with torch.no_grad():
+                    entropy_sum += float((entropy_of(logits) * mask[c]).sum())
+            loss, st = grpo_token_loss(logp, old_logp[k], ref_logp[k], adv[c], weights[c], cfg)
+            loss.backward()
+            step_loss += float(loss.detach())
+            for key in ("kl_sum", "clip_low", "clip_high", "tokens"):
+                totals[key] += float(st[key])
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        totals["loss"] += step_loss
+        totals["grad_norm"] += float(grad_norm)
+    n_tok = max(1.0, totals["tokens"])
+    stats_out.update(
+        loss=totals["loss"] / cfg.inner_steps,
+        kl=totals["kl_sum"] / n_tok,
+        clip_frac=(totals["clip_low"] + totals["clip_high"]) / n_tok,
+        clip_frac_low=totals["clip_low"] / n_tok,
+        clip_frac_high=totals["clip_high"] / n_tok,
+        entropy=entropy_sum / max(1.0, float(mask.sum())),
+        grad_norm=totals["grad_norm"] / cfg.inner_steps,
+        lr=lr,
+    )
+    return stats_out
+
+
+def rollout_table(task: Task, examples: list[Example], rollouts: Rollouts, tok: Tokenizer) -> list[dict[str, Any]]:
+    """Every completion with its question and rewards, to read what the policy writes."""
+    parts = score(task, examples, rollouts, tok)
+    return [
+        {"question": examples[p].question, "completion": text, **r, "length": len(c)}
+        for p, text, r, c in zip(rollouts.prompt_index, rollouts.texts, parts, rollouts.completions)
+    ]
+
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "VARIANTS",
+    "GRPOConfig",
+    "GRPOResult",
+    "clipped_surrogate",
+    "entropy_of",
+    "group_advantages",
+    "grpo_token_loss",
+    "grpo_train",
+    "k3_kl",
+    "rollout_table",
+    "token_logprobs",
+    "token_weights",
+    "uniform_groups",
+]
