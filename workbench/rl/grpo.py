@@ -45,6 +45,17 @@ Per step ``grpo_train`` logs (one JSON-friendly dict): reward, accuracy and form
 completions, response length, KL to the reference, clip fraction, entropy of the policy, the fraction of
 groups that carried no signal, loss, gradient norm, and held-out accuracy every ``eval_every`` steps.
 
+What to expect at this scale
+----------------------------
+From the R1-Zero base (``base.py``), GRPO on ``add`` first teaches the *format*: the base reasons in
+about half of its answers, and reasoning is more often right, so within ten or twenty steps nearly every
+completion thinks first and the response length grows from about 13 to about 21 tokens. Then accuracy
+keeps rising as the policy sharpens (entropy falls) on the reasoning it already had: at the ``laptop``
+scale held-out accuracy went from 0.25 to 0.73 in 60 steps. A small policy is fragile: with a learning
+rate of 5e-4 the same run *lost* accuracy (0.25 -> 0.06) while the format reward still rose, which is
+why the default is 1e-4 with warmup, and a batch of 16 prompts x 8 samples to keep the gradient's noise
+down.
+
 Where it simplifies
 -------------------
 One process samples and trains (no separate inference engine); the sampler is our ``generate`` with

@@ -71,8 +71,8 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "ci": Scale(
-        base_steps=600,
-        grpo={"steps": 25, "eval_every": 0},
+        base_steps=800,
+        grpo={"steps": 50, "eval_every": 0},
         cold_start_examples=128,
         cold_start_steps=40,
         rs_prompts=128,
@@ -80,9 +80,9 @@ SCALES: dict[str, Scale] = {
         final_grpo_steps=5,
         distill_steps=40,
         distill_prompts=256,
-        eval_problems=64,
+        eval_problems=128,
     ),
-    "laptop": Scale(base_steps=1000, grpo={"steps": 60, "eval_every": 10}),
+    "laptop": Scale(base_steps=800, grpo={"steps": 60, "eval_every": 10}),
 }
 
 
