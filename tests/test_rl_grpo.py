@@ -104,8 +104,11 @@ def test_base_corpus_mixes_reasoning_and_direct_answers():
 
 
 # ---- the CI-scale run ---------------------------------------------------------------------------
-# Measured with scripts/rl_ci_check.py (seeds 0, 1, 2; 64 held-out problems x 4 samples at T = 1):
-# see the numbers in MARGIN's comment. The margin asserted is well outside that spread.
+# Measured with `python scripts/rl_ci_check.py --seeds 0 1 2 --threads 1` (the CI scale: 800 base steps,
+# 50 GRPO steps, 128 held-out problems x 4 samples at T = 1), held-out accuracy before -> after:
+#   seed 0: 0.248 -> 0.742 (+0.494)   seed 1: 0.336 -> 0.551 (+0.215)   seed 2: 0.480 -> 0.842 (+0.361)
+# The evaluation itself wobbles by about 0.02-0.03 (std over five draws of held-out problems). The test
+# runs seed 0 and asks for +0.10: below the smallest gain of any seed, and 3-5x the evaluation noise.
 MARGIN = 0.1
 
 
@@ -119,8 +122,11 @@ def test_grpo_raises_held_out_accuracy_at_ci_scale():
     res = grpo_train(base, task, cfg, progress=False)
     before, after = res.before, res.after
     rewards = [r["reward"] for r in res.metrics]
-    print(f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, format {before['format']:.3f} -> "
-          f"{after['format']:.3f}, reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(
+        f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
+        f"format {before['format']:.3f} -> {after['format']:.3f}, "
+        f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, {time.perf_counter() - t0:.0f} s"
+    )
     # accuracy on held-out problems rises by much more than the run-to-run noise
     assert after["accuracy"] > before["accuracy"] + MARGIN, (before, after)
     # R1-Zero's signature: the model learns to reason in the format, and its answers get longer

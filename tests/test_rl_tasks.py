@@ -7,7 +7,17 @@ from fractions import Fraction
 import pytest
 
 from workbench.rl.rewards import extract_answer
-from workbench.rl.tasks import get_task, parse_expression, parse_int, spell, split_of_key, task_names
+from workbench.rl.tasks import (
+    Example,
+    get_task,
+    parse_expression,
+    parse_int,
+    parse_roman,
+    spell,
+    split_of_key,
+    task_names,
+    to_roman,
+)
 
 
 @pytest.mark.parametrize("name", task_names())
@@ -106,3 +116,18 @@ def test_get_task_rejects_unknown_names():
         get_task("chess")
     with pytest.raises(ValueError, match="split"):
         get_task("add").sample(3, split="validation")
+
+
+def test_roman_numerals_round_trip_and_canonical_parsing():
+    assert [to_roman(n) for n in (4, 9, 14, 40, 90, 400, 944, 1994, 3999)] == [
+        "IV", "IX", "XIV", "XL", "XC", "CD", "CMXLIV", "MCMXCIV", "MMMCMXCIX"]  # fmt: skip
+    assert all(parse_roman(" ".join(to_roman(n))) == n for n in range(1, 4000))
+    for bad in ("", "IIII", "IC", "VV", "xiv", "XIV?", "MMMM", None, 14):
+        assert parse_roman(bad) is None, bad
+    task = get_task("roman")
+    ex = Example("roman", "305", "Write 305 in Roman numerals.", "C C C V", {"n": 305})
+    trace = task.trace(ex)  # place by place, a zero place written empty
+    assert trace == "<think> hundreds: 3 = C C C. tens: 0. ones: 5 = V.</think><answer>C C C V</answer>"
+    assert task.trace(Example("roman", "40", "", "X L", {"n": 40})).startswith("<think> tens: 4 = X L. ones: 0.")
+    assert task.reward(trace, ex) == {"accuracy": 1.0, "format": 1.0}
+    assert task.reward("<think>x</think><answer>CCCV</answer>", ex)["accuracy"] == 1.0

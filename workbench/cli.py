@@ -8,6 +8,8 @@ Commands:
   grpo      R1-style reinforcement learning with rule-based rewards (GRPO, Dr. GRPO, DAPO switches)
   sft       supervised fine-tuning: cold start on reasoning traces, or on rejection-sampled outputs
   distill   a teacher's verified traces (and logits) into a smaller student, with the comparison
+  vertical  add experts to a trained MoE and teach only them a new domain (cold start, then GRPO)
+  ask       run a prompt set (YAML/JSON) and print the model's thinking and answer
 """
 
 from __future__ import annotations
@@ -130,6 +132,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generator=gen,
         )[0].tolist()
         print(tok.decode(ids[1:]))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from workbench.hf import load_hf
+    from workbench.prompts import format_rows, load_prompt_set, run_prompt_set
+    from workbench.train import resolve_device
+
+    prompt_set = load_prompt_set(args.prompts)
+    if args.model is None and prompt_set.model is None:
+        raise ValueError(f"{args.prompts} names no model; pass --model FOLDER")
+    model = load_hf(_model_dir(args.model or str(prompt_set.model)), device=resolve_device(args.device))
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            overrides[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            overrides[key] = raw
+    rows = run_prompt_set(
+        model,
+        prompt_set,
+        names=args.name,
+        overrides=overrides,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(format_rows(rows))
+        checked = [r["correct"] for r in rows if r["correct"] is not None]
+        if checked:
+            print(f"{sum(checked)}/{len(checked)} answers right")
+    return 0
+
+
+def cmd_vertical(args: argparse.Namespace) -> int:
+    from workbench.extend import run_vertical
+
+    report = run_vertical(
+        args.base,
+        args.task,
+        args.out,
+        n=args.n,
+        layers=args.layers,
+        init=args.init,
+        rate=args.rate,
+        steps=args.steps,
+        replay=args.replay,
+        lr=args.lr,
+        grpo_steps=args.grpo_steps,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(report["summary"], indent=2))
     return 0
 
 
@@ -274,6 +339,57 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.rl.cli import add_subcommands  # R1: grpo, sft, distill
 
     add_subcommands(sub)
+
+    v = sub.add_parser(
+        "vertical",
+        help="grow a trained MoE by new experts and train only them on a new domain",
+        description=(
+            "Add experts to every MoE layer of a trained model (workbench.extend), wake them for the new domain, "
+            "train only them (and their router rows, and the rows of tokens the base never saw) on the task's worked "
+            "problems mixed with replay of the base corpus, then optionally GRPO restricted to the same parameters. "
+            "Writes OUT/model (a Hugging Face folder with vertical.json) and OUT/report.json."
+        ),
+    )
+    v.add_argument("--base", default=str(Path(__file__).resolve().parent.parent / "data" / "tiny-model"),
+                   help="the trained model to grow (default: the shipped data/tiny-model)")  # fmt: skip
+    v.add_argument("--task", default="roman", help="the new domain, a task of workbench.rl.tasks (default: roman)")
+    v.add_argument("--out", default="runs/vertical", help="output folder (default: runs/vertical)")
+    v.add_argument("--n", type=int, default=None, help="new experts per layer (default: n_group, one per group)")
+    v.add_argument("--layers", type=int, nargs="+", help="MoE layers to grow (default: all of the main model)")
+    v.add_argument("--init", default="copy", choices=["copy", "average", "random"], help="initialisation")
+    v.add_argument("--rate", type=float, default=0.5, help="share of new-domain tokens routed to the new experts at "
+                   "wake-up (default: 0.5)")  # fmt: skip
+    v.add_argument("--steps", type=int, default=600, help="language-modelling steps on the new domain (default: 600)")
+    v.add_argument("--replay", type=float, default=0.5, help="share of tokens from the base corpus (default: 0.5)")
+    v.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
+    v.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps after the LM stage (default: 0)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    v.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_vertical)
+
+    a = sub.add_parser(
+        "ask",
+        help="run a prompt set and print the model's thinking and answer",
+        description=(
+            "Run the prompts of a prompt set file (YAML or JSON, see workbench.prompts) and print, per input, the "
+            "question, the model's thinking (<think>) and its answer (<answer>), and whether it is right when the set "
+            "gives the expected answer."
+        ),
+    )
+    a.add_argument("--prompts", required=True, metavar="FILE", help="the prompt set (.yaml, .yml or .json)")
+    a.add_argument("--model", help="model folder (default: the set's 'model')")
+    a.add_argument("--name", nargs="+", help="run only these prompts of the set")
+    a.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="run each prompt once with this input instead of the file's, e.g. --set n=1994")  # fmt: skip
+    a.add_argument("--max-new-tokens", type=int, help="default: the set's, else 64")
+    a.add_argument("--temperature", type=float, help="0 = greedy (default: the set's, else 0)")
+    a.add_argument("--top-p", type=float, help="default: the set's, else 1.0")
+    a.add_argument("--seed", type=int, help="sampling seed (default: the set's, else 0)")
+    a.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    a.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    a.set_defaults(func=cmd_ask)
     return p
 
 

@@ -77,6 +77,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         # the balancing bias: a buffer (saved, never trained by gradient), kept in float32
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # which experts' biases balancing may move (None: all); ``extend.train_only_new_experts`` sets it
+        self.bias_update_mask: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities (N, E) in float32 for tokens x (N, hidden)."""
@@ -104,7 +106,10 @@ class Router(nn.Module):
     def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
         """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i)."""
         load = counts.float().to(self.e_score_correction_bias.device)
-        self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        step = gamma * torch.sign(load.mean() - load)
+        if self.bias_update_mask is not None:
+            step = torch.where(self.bias_update_mask, step, torch.zeros_like(step))
+        self.e_score_correction_bias += step
 
 
 class RoutedExperts(nn.Module):

@@ -34,6 +34,13 @@ The tasks
 ``arithmetic``
     Two- and three-digit addition and subtraction (never negative), with column-by-column traces
     (``7 + 8 = 15, carry 1.`` / ``3 - 8 < 0, 13 - 8 = 5, borrow 1.``).
+``roman``
+    Write 1..999 in Roman numerals: ``Write 347 in Roman numerals.`` -> ``C C C X L V I I``, with a
+    place-by-place trace (``hundreds: 3 = C C C. tens: 4 = X L. ones: 7 = V I I.``); letters are spaced
+    so that each is one token. It is the new domain of the add-an-expert lesson (``workbench.extend``),
+    grafted onto the general tiny model, so it writes numbers as that model's corpus does (``347``, not
+    ``3 4 7``) and names the places as its column arithmetic does: new experts cannot retrain attention,
+    so the vertical must read its question with the attention the base already has.
 ``countdown``
     Reach a target with three given numbers, each used exactly once, and ``+ - *`` (``/`` is accepted
     when exact): ``Use 3, 7, 25 to make 68.`` -> ``(25 * 3) - 7``. The verifier evaluates the
@@ -280,6 +287,70 @@ def countdown_trace(example: Example) -> str:
 
 
 # =====================================================================================================
+# Roman numerals (the new "vertical" of the add-an-expert lesson: nothing like it is in the base corpus)
+# =====================================================================================================
+
+_ROMAN_PLACES = (  # (place value, symbols for 1, 5 and 10 of that place)
+    (100, "C", "D", "M"),
+    (10, "X", "L", "C"),
+    (1, "I", "V", "X"),
+)
+_ROMAN = re.compile(r"M{0,3}(CM|CD|D?C{0,3})(XC|XL|L?X{0,3})(IX|IV|V?I{0,3})")
+_ROMAN_VALUE = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+
+
+def roman_digit(d: int, one: str, five: str, ten: str) -> str:
+    """One decimal digit in the symbols of its place: 4 -> one+five, 9 -> one+ten, 7 -> five+one+one."""
+    return ["", one, one * 2, one * 3, one + five, five, five + one, five + one * 2, five + one * 3, one + ten][d]
+
+
+def to_roman(n: int) -> str:
+    """1..3999 as a Roman numeral: 347 -> ``CCCXLVII``."""
+    if not 1 <= n <= 3999:
+        raise ValueError(f"Roman numerals here cover 1..3999, got {n}")
+    out = "M" * (n // 1000)
+    for value, one, five, ten in _ROMAN_PLACES:
+        out += roman_digit(n // value % 10, one, five, ten)
+    return out
+
+
+def parse_roman(text: str) -> int | None:
+    """A Roman numeral in canonical form, letters may be spaced: ``"C C C X L V I I"`` -> 347; else None."""
+    if not isinstance(text, str):
+        return None
+    text = re.sub(r"\s+", "", text)
+    if not text or not _ROMAN.fullmatch(text):
+        return None
+    values = [_ROMAN_VALUE[c] for c in text]
+    return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
+
+
+def make_roman(rng: random.Random) -> Example:
+    n = rng.randint(1, 999)
+    question = f"Write {n} in Roman numerals."
+    return Example("roman", str(n), question, " ".join(to_roman(n)), {"n": n})
+
+
+def roman_verify(value: Any, example: Example) -> bool:
+    return value is not None and value == example.data["n"]
+
+
+_PLACE_NAMES = ("hundreds", "tens", "ones")  # the words the base corpus's column arithmetic uses
+
+
+def roman_trace(example: Example) -> str:
+    """Place by place from the largest, like the corpus's column arithmetic, a zero place written empty:
+    `` hundreds: 3 = C C C. tens: 0. ones: 7 = V I I.`` for 307."""
+    n, steps = example.data["n"], []
+    for name, (value, one, five, ten) in zip(_PLACE_NAMES, _ROMAN_PLACES):
+        if n < value:
+            continue
+        d = n // value % 10
+        steps.append(f" {name}: {d} = {' '.join(roman_digit(d, one, five, ten))}." if d else f" {name}: 0.")
+    return _format_trace("".join(steps), example.answer)  # " hundreds" with its space: the corpus's token
+
+
+# =====================================================================================================
 # The Task bundle and the registry
 # =====================================================================================================
 
@@ -365,6 +436,15 @@ TASKS: dict[str, Task] = {
         verify=countdown_verify,
         trace=countdown_trace,
     ),
+    "roman": Task(
+        name="roman",
+        description="write 1..999 in Roman numerals, place by place (the vertical of lesson 9)",
+        make=make_roman,
+        prompt=integer_prompt,
+        parse_answer=parse_roman,
+        verify=roman_verify,
+        trace=roman_trace,
+    ),
 }
 
 
@@ -373,7 +453,7 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``add``, ``arithmetic``, ``countdown``)."""
+    """The task called ``name`` (``add``, ``arithmetic``, ``countdown``, ``roman``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
@@ -390,8 +470,10 @@ __all__ = [
     "get_task",
     "parse_expression",
     "parse_int",
+    "parse_roman",
     "spell",
     "split_of_key",
     "subtraction_steps",
     "task_names",
+    "to_roman",
 ]

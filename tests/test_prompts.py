@@ -1,0 +1,110 @@
+"""Prompt sets (YAML/JSON) and ``python -m workbench ask``: validated up front, run, thinking and answer shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+from workbench.extend import add_expert, save_vertical
+from workbench.hf import load_hf
+from workbench.prompts import PromptSetError, format_rows, load_prompt_set, run_prompt_set
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "data" / "tiny-model"
+ROMAN = ROOT / "data" / "prompts" / "roman.yaml"
+
+
+def _write(tmp_path: Path, data, name: str = "set.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else data)
+    return path
+
+
+def test_the_shipped_roman_set_loads_and_renders(tmp_path):
+    s = load_prompt_set(ROMAN)
+    assert s.name == "roman" and s.task == "roman" and s.defaults["temperature"] == 0.0
+    (p,) = s.select(["to_roman"])
+    assert p.render({"n": 347}) == "Write 347 in Roman numerals."  # exactly the task's own question
+    digits = load_prompt_set(
+        _write(
+            tmp_path,
+            {"name": "a", "prompts": [{"name": "add", "template": "What is {a:digits}?", "inputs": [{"a": 1}]}]},
+        )
+    )
+    assert digits.prompts[0].render({"a": 47}) == "What is 4 7?"  # the integer tasks spell digits apart
+    assert [x["expect"] for x in p.inputs][:3] == ["VII", "XLIX", "CCCXLVII"]
+    assert s.check("C C C X L V I I", "CCCXLVII") is True and s.check("C C C", "CCCXLVII") is False
+    assert s.check(None, "VII") is False
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "top level must be a mapping"),
+        ({"name": "x"}, "missing 'prompts'"),
+        ({"name": "x", "prompts": [], "extra": 1}, "unknown key"),
+        ({"name": "x", "prompts": []}, "non-empty list"),
+        ({"name": "x", "task": "latin", "prompts": [{"name": "a", "template": "t"}]}, "unknown task 'latin'"),
+        ({"name": "x", "prompts": [{"name": "a"}]}, "'name' and 'template' must both be strings"),
+        ({"name": "x", "prompts": [{"name": "a", "template": "{n}", "inputs": [{"m": 1}]}]}, r"inputs\[0\] lacks"),
+        ({"name": "x", "prompts": [{"name": "a", "template": "t"}, {"name": "a", "template": "u"}]}, "used twice"),
+        ({"name": "x", "defaults": {"temperature": "hot"}, "prompts": [{"name": "a", "template": "t"}]}, "not a float"),
+        ({"name": "x", "defaults": {"beam": 4}, "prompts": [{"name": "a", "template": "t"}]}, "unknown default"),
+        ({"name": "x", "prompts": [{"name": "a", "template": "{n"}]}, "bad template"),
+    ],
+)
+def test_bad_prompt_sets_are_refused_with_where_and_why(tmp_path, data, message):
+    with pytest.raises(PromptSetError, match=message):
+        load_prompt_set(_write(tmp_path, data))
+
+
+def test_yaml_errors_and_wrong_suffix(tmp_path):
+    with pytest.raises(PromptSetError, match="not valid YAML"):
+        load_prompt_set(_write(tmp_path, "name: [unclosed", "bad.yaml"))
+    with pytest.raises(PromptSetError, match=r"\.yaml, \.yml or \.json"):
+        load_prompt_set(_write(tmp_path, "name: x", "set.txt"))
+    with pytest.raises(FileNotFoundError):
+        load_prompt_set(tmp_path / "missing.yaml")
+
+
+def test_run_prompt_set_shows_thinking_and_answer(tmp_path):
+    s = load_prompt_set(ROMAN)
+    model = load_hf(TINY)
+    rows = run_prompt_set(model, s, max_new_tokens=8)
+    assert [r["inputs"]["n"] for r in rows] == [7, 49, 347, 608, 999]
+    for r in rows:
+        assert r["question"].startswith("Write ") and r["correct"] in (True, False)
+        assert r["answer"] is None or isinstance(r["answer"], str)
+    one = run_prompt_set(model, s, overrides={"n": 1994}, max_new_tokens=4)
+    assert len(one) == 1 and one[0]["question"] == "Write 1994 in Roman numerals." and one[0]["correct"] is None
+    text = format_rows(rows)
+    assert "thinking:" in text and "answer:" in text and "Write 347 in Roman numerals." in text
+
+
+def test_ask_command_runs_a_grown_model(tmp_path, capsys):
+    grown, added = add_expert(load_hf(TINY), n=2)
+    save_vertical(grown, added, tmp_path / "model")
+    data = {
+        "name": "t",
+        "model": "model",  # relative to the file
+        "task": "roman",
+        "defaults": {"max_new_tokens": 6},
+        "prompts": [
+            {"name": "to_roman", "template": "Write {n} in Roman numerals.", "inputs": [{"n": 5, "expect": "V"}]}
+        ],
+    }
+    path = _write(tmp_path, data)
+    assert main(["ask", "--prompts", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[to_roman n=5] Write 5 in Roman numerals." in out and "answers right" in out
+    assert main(["ask", "--prompts", str(path), "--set", "n=12", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["question"] == "Write 12 in Roman numerals." and "thinking" in row
+    assert main(["ask", "--prompts", str(path), "--name", "nope"]) == 2
+    assert "no prompt named ['nope']" in capsys.readouterr().err
+    del data["model"]
+    assert main(["ask", "--prompts", str(_write(tmp_path, data))]) == 2
+    assert "pass --model" in capsys.readouterr().err

@@ -1,0 +1,744 @@
+"""Add a vertical: grow a trained MoE by new experts, and train only them on a new domain.
+
+The idea
+--------
+A Mixture-of-Experts model already divides its feed-forward knowledge among many small experts, and a
+router decides, token by token, which ones run. That suggests a cheap way to teach a trained model a
+new speciality (a new "vertical") without retraining it or damaging what it knows: **add an expert per
+MoE layer, and train only the new experts and the router rows that send tokens to them.** Everything
+else (attention, embeddings, shared experts, the old experts, the old router rows) stays frozen.
+
+Three steps, each a function here:
+
+1. ``add_expert(model, n, layers, init)`` grows each chosen MoE layer by ``n`` routed experts. Their
+   weights start as a **copy** of an existing expert (by default the one the new domain already uses
+   most), the **average** of the layer's experts, or **random** (the model's initialisation). Their
+   router rows start the same way. Their balancing bias starts *dormant*: lower than any old expert's
+   bias by more than the whole range of a sigmoid affinity, so the new experts are never selected and
+   **the grown model computes exactly what the base computed**, token for token. (The test suite checks
+   that the logits are equal.) Layers not chosen still get the slots, since every layer of a config has
+   the same number of experts, but there the new experts are *absent*: bias ``-inf``, never selected,
+   never trained.
+2. ``wake_experts(model, added, new_ids, old_ids, rate)`` makes the new experts reachable for the new
+   domain. It sets each new router row to a linear probe for the domain (the direction from the mean
+   router input of old-domain tokens to that of new-domain tokens, scaled like the old rows) and then
+   lowers the dormant bias, by bisection through the real router, until a fraction ``rate`` of the new
+   domain's tokens select a new expert. It reports how often old-domain tokens select one too (few, if
+   the probe separates the domains). From here the old-domain function is no longer exact: it changes
+   only where an old-domain token picks a new expert.
+3. ``train_only_new_experts(model, added)`` is a context manager: inside it only the new experts, their
+   router rows (and, if asked, the rows of new tokens in the embedding and the output head) receive
+   gradients, and loss-free balancing moves only the new experts' biases. Any of our loops then trains
+   the vertical: ``train_vertical`` (language modelling on the new domain mixed with replay of the old
+   corpus), ``rl.sft.sft_train`` (cold-start traces) and ``rl.grpo.grpo_train`` (a chain of thought by
+   RL). Because the experts are stored stacked, (E, I, D), freezing *some* experts of a tensor is done
+   with gradient masks (a hook zeroes the old rows' gradients; AdamW with weight decay 0 then leaves
+   them bit for bit unchanged, which the tests check).
+
+What it buys: the trained parameters are a few percent of the model, the optimiser state shrinks in
+proportion, and the backward pass skips the weight gradients of every frozen matrix (``VerticalReport``
+reports trained vs total parameters and an estimate of the compute saved; lesson 9 measures the step
+time).
+
+Where it simplifies
+-------------------
+Real systems that grow MoE models (e.g. "expert expansion" for new languages) also re-balance the
+routers on a large replay set and sometimes unfreeze more; we keep the strict version so that what
+changes is exactly what we added. With group-limited routing (``n_group > 1``) the new experts are
+inserted at the end of each group, ``n / n_group`` per group, so that every old expert keeps its group;
+so ``n`` must be a multiple of ``n_group``. The new tokens' rows (``<think>`` and friends) are the one
+place the vertical touches shared weights, and only when ``train_tokens`` names them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.checkpoint import atomic_write_json, read_json
+from workbench.config import ConfigError
+from workbench.model import Model
+from workbench.moe import MoE
+
+INITS = ("copy", "average", "random")
+DORMANT_MARGIN = 2.0  # dormant bias = min(old biases) - this; sigmoid affinities differ by less than 1
+VERTICAL_FILE = "vertical.json"  # the description of what was added, saved next to a grown model
+
+
+def moe_layers(model: Model) -> dict[int, MoE]:
+    """Every MoE layer of the model by layer index (MTP layers have indices >= num_hidden_layers)."""
+    return {b.mlp.layer_idx: b.mlp for b in [*model.layers, *model.mtp] if b.is_moe}
+
+
+@dataclass
+class AddedExperts:
+    """What ``add_expert`` did: enough to train, inspect, save and reload the vertical."""
+
+    n: int  # new experts per layer
+    init: str
+    layers: list[int]  # MoE layers whose new experts are live (trainable)
+    absent_layers: list[int]  # MoE layers that got the slots switched off (bias -inf)
+    new_experts: list[int]  # indices of the new experts in every grown layer
+    old_to_new: list[int]  # old expert j now lives at index old_to_new[j]
+    sources: dict[int, list[int]] = field(default_factory=dict)  # layer -> expert copied (copy init)
+    experts_before: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    params_live: int = 0  # parameters of the live new experts and their router rows
+    train_tokens: list[int] = field(default_factory=list)  # token ids whose embedding/head rows train
+
+    @property
+    def params_added(self) -> int:
+        return self.params_after - self.params_before
+
+    def describe(self) -> str:
+        lines = [
+            f"added {self.n} routed expert(s) per MoE layer ({self.experts_before} -> "
+            f"{self.experts_before + self.n}), init={self.init!r}",
+            f"live in layers {self.layers}"
+            + (f", absent (never routed) in {self.absent_layers}" if self.absent_layers else ""),
+            f"new expert indices {self.new_experts}",
+            f"parameters {self.params_before:,} -> {self.params_after:,} (+{self.params_added:,}); "
+            f"trainable in the vertical {self.params_live:,}",
+        ]  # fmt: skip
+        if self.sources:
+            lines.append("copied from " + ", ".join(f"layer {k}: {v}" for k, v in sorted(self.sources.items())))
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``vertical.json`` into a model folder (atomically)."""
+        path = Path(folder) / VERTICAL_FILE
+        data = asdict(self)
+        data["sources"] = {str(k): v for k, v in self.sources.items()}
+        atomic_write_json(path, data)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AddedExperts:
+        path = Path(folder) / VERTICAL_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: this folder holds no grown model (save it with added.save)")
+        data = read_json(path)
+        data["sources"] = {int(k): v for k, v in data.get("sources", {}).items()}
+        return cls(**data)
+
+
+# =====================================================================================================
+# 1. Growing the layers
+# =====================================================================================================
+
+
+def _layout(E: int, n: int, groups: int) -> tuple[list[int], list[int]]:
+    """Where old and new experts go when each of ``groups`` groups gets n / groups new experts at its end."""
+    per_old, per_new = E // groups, n // groups
+    width = per_old + per_new
+    old_to_new = [(j // per_old) * width + j % per_old for j in range(E)]
+    new = [g * width + per_old + i for g in range(groups) for i in range(per_new)]
+    return old_to_new, new
+
+
+def _finite(bias: torch.Tensor) -> torch.Tensor:
+    """The biases of experts that exist (absent ones, from an earlier growth, are -inf)."""
+    return bias[torch.isfinite(bias)].float()
+
+
+@torch.no_grad()
+def _expert_usage(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per MoE layer: how many routed slots each expert got on token ids (B, T)."""
+    was = model.training
+    model.eval()
+    out = model(ids.to(model.device), compute_mtp=len(model.mtp) > 0)
+    model.train(was)
+    return {s.layer_idx: s.counts.float().cpu() for s in out.routing}
+
+
+@torch.no_grad()
+def add_expert(
+    model: Model,
+    n: int = 1,
+    layers: Sequence[int] | None = None,
+    init: str = "copy",
+    *,
+    source: int | None = None,
+    probe_ids: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[Model, AddedExperts]:
+    """A copy of ``model`` with ``n`` more routed experts in every MoE layer; returns (grown, added).
+
+    layers: MoE layer indices whose new experts are live (default: every MoE layer of the main model;
+        MTP layers only if listed). The other MoE layers get the slots too (one config, one expert
+        count) with the new experts absent (bias -inf).
+    init: "copy" (weights and router row of an existing expert), "average" (of the layer's experts),
+        "random" (normal with the model's initializer_range, router row too).
+    source: the expert to copy (an index of the base). Default: in each layer and group, the expert
+        the tokens of ``probe_ids`` (B, T) use most, or the first expert of the group without them.
+    The new experts start dormant (never selected): the grown model's outputs equal the base's.
+    """
+    config = model.config
+    if init not in INITS:
+        raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer (experts to add per layer), got {n!r}")
+    moes = moe_layers(model)
+    if not moes:
+        raise ConfigError("the model has no MoE layer to grow (first_k_dense_replace covers every layer)")
+    E, G = config.n_routed_experts, config.n_group
+    if n % G:
+        raise ConfigError(
+            f"n={n} new experts do not split evenly over n_group={G} routing groups; the new experts go "
+            f"n / n_group to each group so that old experts keep their group: use n={G * max(1, round(n / G))}"
+        )
+    main = [i for i in moes if i < config.num_hidden_layers]
+    live = sorted(main if layers is None else set(layers))
+    unknown = [i for i in live if i not in moes]
+    if unknown:
+        raise ConfigError(f"layers {unknown} are not MoE layers; the MoE layers are {sorted(moes)}")
+    if source is not None and not 0 <= source < E:
+        raise ConfigError(f"source={source} is not an expert index (the layers have {E} experts)")
+
+    params_before = model.num_parameters()
+    grown = copy.deepcopy(model)
+    grown.config = copy.deepcopy(config)
+    grown.config.n_routed_experts = E + n
+    grown.config.validate()
+    old_to_new, new = _layout(E, n, G)
+    usage = _expert_usage(model, probe_ids) if probe_ids is not None and init == "copy" and source is None else {}
+    gen = torch.Generator().manual_seed(seed)
+    sources: dict[int, list[int]] = {}
+    per_old, per_new = E // G, n // G
+
+    for idx, moe in moe_layers(grown).items():
+        ex, router = moe.experts, moe.gate
+        olds = {name: getattr(ex, name).data for name in ("gate_proj", "up_proj", "down_proj")}
+        old_w, old_b = router.weight.data, router.e_score_correction_bias
+        new_params, src_of_layer = {}, []
+        for name, w in olds.items():
+            out = w.new_empty((E + n, *w.shape[1:]))
+            out[old_to_new] = w
+            new_params[name] = out
+        w_out = old_w.new_empty(E + n, old_w.shape[1])
+        w_out[old_to_new] = old_w
+        b_out = old_b.new_empty(E + n)
+        b_out[old_to_new] = old_b
+        for slot, pos in enumerate(new):
+            group = slot // per_new
+            if init == "copy":
+                if source is not None:
+                    src = source
+                elif idx in usage:
+                    counts = usage[idx][group * per_old : (group + 1) * per_old]
+                    src = group * per_old + int(counts.argmax())
+                else:
+                    src = group * per_old
+                src_of_layer.append(src)
+                for name, w in olds.items():
+                    new_params[name][pos] = w[src]
+                w_out[pos] = old_w[src]
+            elif init == "average":
+                for name, w in olds.items():
+                    new_params[name][pos] = w.mean(dim=0)
+                w_out[pos] = old_w.mean(dim=0)
+            else:
+                std = config.initializer_range
+                for name, w in olds.items():
+                    new_params[name][pos] = torch.randn(w.shape[1:], generator=gen) * std
+                w_out[pos] = torch.randn(old_w.shape[1], generator=gen) * std
+        if idx in live:
+            b_out[new] = float(_finite(old_b).min()) - DORMANT_MARGIN  # never selected until woken
+            if src_of_layer:
+                sources[idx] = src_of_layer
+        else:
+            b_out[new] = float("-inf")  # absent: this layer routes as before, forever
+        for name, value in new_params.items():
+            setattr(ex, name, torch.nn.Parameter(value))
+        ex.n_experts = E + n
+        router.weight = torch.nn.Parameter(w_out)
+        router.e_score_correction_bias = b_out
+        router.n_experts = E + n
+
+    per_expert = 3 * config.moe_intermediate_size * config.hidden_size + config.hidden_size  # + router row
+    added = AddedExperts(
+        n=n,
+        init=init,
+        layers=live,
+        absent_layers=sorted(set(moes) - set(live)),
+        new_experts=new,
+        old_to_new=old_to_new,
+        sources=sources,
+        experts_before=E,
+        params_before=params_before,
+        params_after=grown.num_parameters(),
+        params_live=per_expert * n * len(live),
+    )
+    return grown, added
+
+
+# =====================================================================================================
+# 2. Waking the new experts for the new domain
+# =====================================================================================================
+
+
+@torch.no_grad()
+def _router_inputs(model: Model, ids: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The (N, hidden) inputs of each listed layer's router for token ids (B, T)."""
+    captured: dict[int, torch.Tensor] = {}
+    moes = moe_layers(model)
+    hooks = [
+        moes[i].gate.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args[0].detach()))
+        for i in layers
+    ]
+    was = model.training
+    model.eval()
+    try:
+        model(ids.to(model.device), compute_mtp=any(i >= model.config.num_hidden_layers for i in layers))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return captured
+
+
+@torch.no_grad()
+def selection_rate(model: Model, added: AddedExperts, ids: torch.Tensor) -> dict[int, float]:
+    """Per live layer: the fraction of tokens of ids (B, T) that send a routed slot to a new expert."""
+    inputs = _router_inputs(model, ids, added.layers)
+    moes, out = moe_layers(model), {}
+    new = torch.tensor(added.new_experts, device=model.device)
+    for i in added.layers:
+        topk_idx, _, _ = moes[i].gate(inputs[i])  # (N, k)
+        out[i] = float(torch.isin(topk_idx, new).any(dim=-1).float().mean())
+    return out
+
+
+@torch.no_grad()
+def wake_experts(
+    model: Model,
+    added: AddedExperts,
+    new_ids: torch.Tensor,
+    old_ids: torch.Tensor,
+    rate: float = 0.5,
+    probe: bool = True,
+) -> dict[str, dict[int, float]]:
+    """Make the new experts reachable: a probe router row, and a bias that routes ``rate`` of new tokens.
+
+    new_ids / old_ids (B, T): token windows of the new domain and of the base corpus.
+    probe: set the new router rows to ``mean(x_new) - mean(x_old)`` (the router inputs x of each
+        domain), scaled so their logits spread like the old rows'; False keeps the rows ``init`` gave.
+    Returns ``{"new": {layer: rate}, "old": {layer: rate}, "bias": {layer: bias}}``: the share of each
+    domain's tokens that now select a new expert, and the bias that was set.
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    moes = moe_layers(model)
+    new = torch.tensor(added.new_experts, device=model.device)
+    report: dict[str, dict[int, float]] = {"new": {}, "old": {}, "bias": {}}
+    for i in added.layers:  # in order: waking a layer changes what the layers above it receive
+        x_new = _router_inputs(model, new_ids, [i])
+        x_old = _router_inputs(model, old_ids, [i])
+        router = moes[i].gate
+        old = torch.ones(router.n_experts, dtype=torch.bool, device=model.device)
+        old[new] = False
+        if probe:
+            d = x_new[i].float().mean(0) - x_old[i].float().mean(0)  # (hidden,)
+            old_spread = (x_old[i].float() @ router.weight[old].float().T).std(dim=0).mean()
+            spread = (torch.cat([x_new[i], x_old[i]]).float() @ d).std()
+            router.weight[new] = (d * old_spread / spread.clamp_min(1e-9)).to(router.weight.dtype)
+
+        def share(bias: float, x: torch.Tensor, router=router) -> float:
+            router.e_score_correction_bias[new] = bias
+            topk_idx, _, _ = router(x)
+            return float(torch.isin(topk_idx, new).any(dim=-1).float().mean())
+
+        lo = float(_finite(router.e_score_correction_bias[old]).min()) - DORMANT_MARGIN  # rate 0 here
+        hi = float(_finite(router.e_score_correction_bias[old]).max()) + DORMANT_MARGIN  # rate 1 here
+        for _ in range(40):  # bisection: the share of new tokens grows with the bias
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if share(mid, x_new[i]) < rate else (lo, mid)
+        report["new"][i] = share(hi, x_new[i])
+        report["old"][i] = share(hi, x_old[i])
+        report["bias"][i] = hi
+    return report
+
+
+# =====================================================================================================
+# 3. Training only what was added
+# =====================================================================================================
+
+
+@dataclass
+class Trainable:
+    """What ``train_only_new_experts`` leaves trainable."""
+
+    parameters: int  # entries that receive gradient
+    total: int  # all parameters of the model
+    tensors: list[str]  # names of the tensors that carry a (masked) gradient
+
+    @property
+    def fraction(self) -> float:
+        return self.parameters / self.total
+
+
+@contextlib.contextmanager
+def train_only_new_experts(
+    model: Model, added: AddedExperts, *, train_router: bool = True, train_tokens: Sequence[int] = ()
+) -> Iterator[Trainable]:
+    """Inside the block only the live new experts (and their router rows, and the embedding and output
+    rows of ``train_tokens``) get gradients, and balancing moves only the new experts' biases.
+
+    Use AdamW with weight decay 0 (decoupled decay would shrink the frozen rows too): every loop here
+    (``train_vertical``, ``sft_train``, ``grpo_train``) does by default. On exit everything is as before.
+    """
+    moes = moe_layers(model)
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    hooks: list[Any] = []
+    names: list[str] = []
+    count = 0
+    device = model.device
+
+    def masked(p: torch.nn.Parameter, name: str, rows: torch.Tensor) -> None:
+        nonlocal count
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        mask = rows.to(device=p.device, dtype=p.dtype).view(shape)
+        p.requires_grad_(True)
+        hooks.append(p.register_hook(lambda g, m=mask: g * m))
+        names.append(name)
+        count += int(rows.sum()) * (p[0].numel())
+
+    try:
+        model.requires_grad_(False)
+        for i, moe in moes.items():
+            rows = torch.zeros(moe.gate.n_experts, dtype=torch.bool)
+            if i in added.layers:
+                rows[added.new_experts] = True
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    masked(getattr(moe.experts, name), f"layer {i} experts.{name}", rows)
+                if train_router:
+                    masked(moe.gate.weight, f"layer {i} gate.weight", rows)
+            moe.gate.bias_update_mask = rows.to(device)
+        if train_tokens:
+            rows = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+            rows[list(train_tokens)] = True
+            masked(model.embed_tokens.weight, "embed_tokens.weight", rows)
+            if model.lm_head.weight is not model.embed_tokens.weight:
+                masked(model.lm_head.weight, "lm_head.weight", rows)
+        yield Trainable(parameters=count, total=model.num_parameters(), tensors=names)
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, True))
+        for moe in moes.values():
+            moe.gate.bias_update_mask = None
+
+
+def new_token_ids(tokenizer, base_tokens: torch.Tensor, texts: Sequence[str]) -> list[int]:
+    """Token ids that occur in ``texts`` but never in the base corpus's tokens: their rows are untrained."""
+    seen = set(base_tokens.unique().tolist())
+    found = {t for text in texts for t in tokenizer.encode(text)}
+    return sorted(found - seen)
+
+
+@dataclass
+class VerticalConfig:
+    """The knobs of ``train_vertical``: language modelling on the new domain with replay of the old."""
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3  # only a few small matrices train, so a pre-training-sized rate is safe
+    warmup_steps: int = 10
+    replay_fraction: float = 0.5  # share of the training tokens drawn from the base corpus
+    n_new_docs: int = 600  # new-domain documents: train-split problems with their worked traces
+    n_old_docs: int = 1000  # base-corpus documents for replay and the old-domain measurements
+    bias_update_speed: float | None = None  # gamma for the new experts' bias (None: the model's)
+    train_router: bool = True
+    train_new_tokens: bool = True  # the embedding/head rows of tokens the base never saw (<think>, ...)
+    eval_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        for name in ("steps", "batch_size", "seq_len", "n_new_docs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def vertical_dataset(task, cfg: VerticalConfig, tokenizer):
+    """A ``TokenDataset`` of the new domain (``task`` problems with traces, domain = task name) and the
+    base corpus's domains, with enough base documents that they make ``replay_fraction`` of the tokens."""
+    from workbench.data import Document, TokenDataset, generate_corpus
+
+    problems = task.sample(cfg.n_new_docs, seed=cfg.seed)
+    new_docs = [Document(task.name, task.prompt(ex) + task.trace(ex)) for ex in problems]
+    old_docs = generate_corpus(cfg.n_old_docs, seed=1000 + cfg.seed)  # not the base's own seed-0 corpus
+    if cfg.replay_fraction > 0:
+        new_tokens = sum(len(tokenizer.encode(d.text)) + 2 for d in new_docs)
+        per_old = sum(len(tokenizer.encode(d.text)) + 2 for d in old_docs[:100]) / min(100, len(old_docs))
+        wanted = math.ceil(cfg.replay_fraction / (1 - cfg.replay_fraction) * new_tokens / per_old)
+        replay = old_docs[: max(1, min(len(old_docs), wanted))]
+    else:
+        replay = old_docs[: max(1, len(old_docs) // 10)]  # kept for the old-domain measurements only
+    return TokenDataset.from_documents(new_docs + replay, tokenizer, val_fraction=0.1, seed=cfg.seed)
+
+
+@dataclass
+class VerticalReport:
+    trainable: Trainable
+    added: AddedExperts
+    metrics: list[dict[str, Any]]
+    seconds: float
+    flops_saved: float  # estimated share of a full fine-tuning step's FLOPs that is skipped
+
+    def summary(self) -> str:
+        t = self.trainable
+        return (
+            f"trained {t.parameters:,} of {t.total:,} parameters ({100 * t.fraction:.2f}%); "
+            f"optimizer state {2 * t.parameters * 4 / 1e6:.2f} MB instead of {2 * t.total * 4 / 1e6:.2f} MB; "
+            f"about {100 * self.flops_saved:.0f}% of a full fine-tuning step's FLOPs skipped; {self.seconds:.0f} s"
+        )
+
+
+def flops_saved_estimate(model: Model, trainable: Trainable) -> float:
+    """Share of training FLOPs skipped when only ``trainable`` parameters get weight gradients.
+
+    Per token a full step costs about 6 x active parameters (2 forward, 2 for the gradients of the
+    activations, 2 for the gradients of the weights). Frozen weights skip their 2; the activations'
+    gradients are still needed below the first trainable layer's top, so they stay (an upper bound).
+    """
+    from workbench.accounting import count_params
+
+    active = count_params(model.config)["active"]
+    return (2 * active - 2 * min(trainable.parameters, active)) / (6 * active)
+
+
+def train_vertical(
+    model: Model,
+    added: AddedExperts,
+    task,
+    cfg: VerticalConfig | None = None,
+    *,
+    dataset=None,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> VerticalReport:
+    """Teach the new experts the new domain (in place): LM training with ``workbench.train.train`` on
+    the new domain's worked problems mixed with replay of the base corpus, everything else frozen."""
+    from workbench.tokenizer import load_tokenizer
+    from workbench.train import TrainConfig, train
+
+    cfg = cfg or VerticalConfig()
+    tok = tokenizer or load_tokenizer()
+    dataset = dataset if dataset is not None else vertical_dataset(task, cfg, tok)
+    tokens: list[int] = []
+    if cfg.train_new_tokens:
+        old = [d for d in dataset.domains if d != task.name]
+        old_ids = torch.tensor([dataset.domains.index(d) for d in old])
+        old_stream = dataset.tokens["train"][torch.isin(dataset.token_domains["train"], old_ids)]
+        tokens = new_token_ids(tok, old_stream, [task.trace(ex) for ex in task.sample(50, seed=cfg.seed)])
+    added.train_tokens = tokens
+    tc = TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0,  # decoupled decay would shrink the frozen rows of the stacked experts
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    gamma_saved = model.config.bias_update_speed
+    if cfg.bias_update_speed is not None:
+        model.config.bias_update_speed = cfg.bias_update_speed
+    t0 = time.perf_counter()
+    try:
+        with train_only_new_experts(model, added, train_router=cfg.train_router, train_tokens=tokens) as trainable:
+            result = train(model.config, tc, out_dir, dataset=dataset, model=model, progress=progress, overwrite=True)
+    finally:
+        model.config.bias_update_speed = gamma_saved
+    if out_dir is not None:
+        added.save(Path(out_dir))
+    return VerticalReport(
+        trainable=trainable,
+        added=added,
+        metrics=result.metrics,
+        seconds=time.perf_counter() - t0,
+        flops_saved=flops_saved_estimate(model, trainable),
+    )
+
+
+@torch.no_grad()
+def vertical_metrics(
+    model: Model,
+    added: AddedExperts,
+    task,
+    dataset,
+    *,
+    tokenizer=None,
+    n_problems: int = 64,
+    max_new_tokens: int = 64,
+    n_batches: int = 4,
+) -> dict[str, Any]:
+    """Everything the lesson compares before and after: new-domain accuracy (greedy, held-out problems),
+    validation loss per domain, the share of each domain's tokens that pick a new expert per layer, and
+    the load balance (MaxVio) of each grown layer on the mixed validation stream."""
+    from workbench.analysis import expert_usage_by_domain, loss_by_domain
+    from workbench.rl.rollout import evaluate
+    from workbench.tokenizer import load_tokenizer
+
+    tok = tokenizer or load_tokenizer()
+    held_out = task.sample(n_problems, seed=0, split="test")
+    ev = evaluate(model, task, held_out, tok, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    usage = expert_usage_by_domain(model, dataset, n_batches=n_batches)  # (layers, domains, E)
+    moes = [i for i in moe_layers(model) if i < model.config.num_hidden_layers or len(model.mtp)]
+    k = model.config.num_experts_per_tok
+    new_share = {  # share of each domain's tokens routed to a new expert (k slots per token)
+        layer: {d: float(usage[li, di, added.new_experts].sum() * k) for di, d in enumerate(dataset.domains)}
+        for li, layer in enumerate(moes)
+        if layer in added.layers
+    }
+    counts = usage.mean(dim=1)  # (layers, E): load over the domains, equally weighted
+    maxvio = {}
+    for li, layer in enumerate(moes):
+        if layer in added.layers:
+            live = counts[li][torch.isfinite(moe_layers(model)[layer].gate.e_score_correction_bias.cpu())]
+            maxvio[layer] = float((live.max() - live.mean()) / live.mean())
+    return {
+        "accuracy": ev["accuracy"],
+        "format": ev["format"],
+        "length": ev["length"],
+        "loss": loss_by_domain(model, dataset, n_batches=n_batches),
+        "new_expert_share": new_share,
+        "maxvio": maxvio,
+    }
+
+
+def run_vertical(
+    base: str | Path | Model,
+    task_name: str = "roman",
+    out: str | Path | None = None,
+    *,
+    n: int | None = None,
+    layers: Sequence[int] | None = None,
+    init: str = "copy",
+    rate: float = 0.5,
+    steps: int = 600,
+    replay: float = 0.5,
+    lr: float = 3e-3,
+    grpo_steps: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole recipe (``python -m workbench vertical``): grow, wake, train the new experts on the new
+    domain, optionally GRPO them, measure before and after. Writes OUT/model and OUT/report.json."""
+    from workbench.hf import load_hf
+    from workbench.rl.grpo import GRPOConfig, grpo_train
+    from workbench.rl.tasks import get_task
+    from workbench.tokenizer import load_tokenizer
+    from workbench.train import resolve_device
+
+    out = Path(out) if out is not None else None
+    if out is not None and (out / "model").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'model'} exists; pass overwrite=True (--overwrite) or choose another folder")
+    tok, task = load_tokenizer(), get_task(task_name)
+    model = base if isinstance(base, Model) else load_hf(base, device=resolve_device(device))
+    cfg = VerticalConfig(steps=steps, replay_fraction=replay, lr=lr, eval_every=0, seed=seed, device=device)
+    dataset = vertical_dataset(task, cfg, tok)
+    before = vertical_metrics(model, AddedExperts(0, init, [], [], [], []), task, dataset, tokenizer=tok)
+    new_ids = domain_windows(dataset, task.name, 16, seed=seed).to(model.device)
+    old_ids = old_windows(dataset, task.name, 32, seed=seed).to(model.device)
+    grown, added = add_expert(model, n or model.config.n_group, layers, init, probe_ids=new_ids, seed=seed)
+    woken = wake_experts(grown, added, new_ids, old_ids, rate=rate)
+    report = train_vertical(grown, added, task, cfg, dataset=dataset, tokenizer=tok, progress=progress)
+    stages = {"base": before, "vertical_lm": vertical_metrics(grown, added, task, dataset, tokenizer=tok)}
+    if grpo_steps:
+        g = GRPOConfig(steps=grpo_steps, max_new_tokens=64, eval_every=0, lr=1e-3, beta=0.0, seed=seed, device=device)
+        with train_only_new_experts(grown, added, train_tokens=added.train_tokens):
+            grpo_train(grown, task, g, tokenizer=tok, progress=progress)
+        stages["vertical_grpo"] = vertical_metrics(grown, added, task, dataset, tokenizer=tok)
+    last = stages[list(stages)[-1]]
+    summary = {
+        "added": added.describe(),
+        "trained": report.summary(),
+        "accuracy": {k: v["accuracy"] for k, v in stages.items()},
+        "old_domain_loss_change": {
+            d: last["loss"][d] / before["loss"][d] - 1 for d in before["loss"] if d != task.name
+        },
+    }
+    result = {"summary": summary, "stages": stages, "wake": woken, "added": asdict(added), "seconds": report.seconds}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_vertical(grown, added, out / "model")
+        atomic_write_json(out / "report.json", json.loads(json.dumps(result, default=str)))
+    result["model"] = grown
+    return result
+
+
+def save_vertical(model: Model, added: AddedExperts, folder: str | Path) -> Path:
+    """The grown model as a Hugging Face folder (like any other) plus ``vertical.json``."""
+    from workbench.hf import save_hf
+
+    folder = Path(folder)
+    save_hf(model, folder)
+    added.save(folder)
+    return folder
+
+
+def load_vertical(folder: str | Path) -> tuple[Model, AddedExperts]:
+    from workbench.hf import load_hf
+
+    return load_hf(folder), AddedExperts.load(folder)
+
+
+def domain_windows(dataset, domain: str, n: int = 8, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len) validation windows of one domain of a ``TokenDataset``."""
+    ids, _ = dataset.domain_batch(domain, "val", n, seq_len, torch.Generator().manual_seed(seed))
+    return ids
+
+
+def old_windows(dataset, new_domain: str, n: int = 8, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len) validation windows spread over every domain but ``new_domain``."""
+    old = [d for d in dataset.domains if d != new_domain]
+    rng = random.Random(seed)
+    rows = [domain_windows(dataset, rng.choice(old), 1, seq_len, seed + i) for i in range(n)]
+    return torch.cat(rows)
+
+
+__all__ = [
+    "DORMANT_MARGIN",
+    "INITS",
+    "AddedExperts",
+    "Trainable",
+    "VerticalConfig",
+    "VerticalReport",
+    "add_expert",
+    "domain_windows",
+    "flops_saved_estimate",
+    "load_vertical",
+    "run_vertical",
+    "vertical_metrics",
+    "moe_layers",
+    "new_token_ids",
+    "old_windows",
+    "save_vertical",
+    "selection_rate",
+    "train_only_new_experts",
+    "train_vertical",
+    "vertical_dataset",
+    "wake_experts",
+]
