@@ -204,3 +204,37 @@ def test_variants_set_the_papers_switches():
         GRPOConfig(group_size=1)
     with pytest.raises(ValueError):
         GRPOConfig(loss_agg="mean")
+
+
+def test_sample_every_records_greedy_samples_without_changing_the_run():
+    from workbench.rl.grpo import grpo_train
+    from workbench.rl.rollout import evaluate
+    from workbench.rl.tasks import get_task
+
+    task, tok = get_task("add"), load_tokenizer()
+    small = dict(
+        steps=3, prompts_per_step=2, group_size=2, inner_steps=1, max_new_tokens=6, eval_problems=3, eval_samples=1
+    )
+    small.update(eval_every=0, pool_size=8, warmup_steps=0, lr=1e-3, device="cpu")
+    runs = []
+    for every in (0, 2):
+        torch.manual_seed(0)
+        model = Model(ModelConfig.from_preset("tiny", num_nextn_predict_layers=0))
+        res = grpo_train(model, task, GRPOConfig(sample_every=every, sample_problems=2, **small), progress=False)
+        runs.append(res)
+    plain, sampled = runs[0].metrics, runs[1].metrics
+    assert [("samples" in r) for r in sampled] == [False, True, True]  # every 2 steps, and after the last
+    assert not any("samples" in r for r in plain)
+    drop = ("samples", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in sampled] == [
+        {k: v for k, v in r.items() if k not in drop} for r in plain
+    ]
+    last = sampled[-1]["samples"]
+    assert len(last) == 2 and set(last[0]) == {"question", "completion", "accuracy", "format"}
+    held_out = task.sample(2, seed=0, split="test")
+    greedy = evaluate(runs[1].model, task, held_out, tok, temperature=0.0, max_new_tokens=6, return_samples=True)
+    assert [(s["question"], s["completion"]) for s in last] == [(q, c) for q, c, *_ in greedy["samples"]]
+    with pytest.raises(ValueError):
+        GRPOConfig(sample_every=-1)
+    with pytest.raises(ValueError):
+        GRPOConfig(sample_problems=0)

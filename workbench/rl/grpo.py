@@ -44,6 +44,10 @@ mean baseline: with one inner step the ratio is 1 and the clip never acts.
 Per step ``grpo_train`` logs (one JSON-friendly dict): reward, accuracy and format rate of the sampled
 completions, response length, KL to the reference, clip fraction, entropy of the policy, the fraction of
 groups that carried no signal, loss, gradient norm, and held-out accuracy every ``eval_every`` steps.
+With ``sample_every`` > 0, every ``sample_every`` steps (and after the last) the row also holds
+``samples``: the policy's greedy completions of the first ``sample_problems`` held-out problems, as
+``{"question", "completion", "accuracy", "format"}`` dicts, to read how its writing changes during the
+run. Greedy decoding draws no random numbers, so recording samples leaves the run itself unchanged.
 
 What to expect at this scale
 ----------------------------
@@ -120,6 +124,8 @@ class GRPOConfig:
     eval_samples: int = 4  # samples per problem (pass@1 is their mean accuracy)
     eval_temperature: float = 1.0  # 0: greedy
     eval_seed: int = 0  # which held-out problems
+    sample_every: int = 0  # steps between greedy samples of fixed held-out prompts in the metrics (0: none)
+    sample_problems: int = 4  # how many held-out problems (the first ones) those samples answer
     pool_size: int = 4096  # training prompts are drawn from this many train-split problems
     seed: int = 0
     device: str = "auto"
@@ -132,13 +138,15 @@ class GRPOConfig:
             raise ConfigError(f"group_size must be >= 2 (the group is the baseline), got {self.group_size}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ConfigError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
-        for name in ("beta", "clip_eps", "warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+        for name in ("beta", "clip_eps", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_eps_high is not None and self.clip_eps_high < 0:
             raise ConfigError(f"clip_eps_high must be >= 0 or None, got {self.clip_eps_high}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.sample_problems < 1:
+            raise ConfigError(f"sample_problems must be >= 1, got {self.sample_problems}")
 
     @property
     def eps_high(self) -> float:
@@ -343,6 +351,19 @@ def grpo_train(
             seed=cfg.eval_seed,
         )
 
+    def greedy_samples() -> list[dict[str, Any]]:
+        ev = evaluate(
+            model,
+            task,
+            held_out[: cfg.sample_problems],
+            tok,
+            temperature=0.0,
+            max_new_tokens=cfg.max_new_tokens,
+            return_samples=True,
+        )
+        keys = ("question", "completion", "accuracy", "format")
+        return [dict(zip(keys, sample)) for sample in ev["samples"]]
+
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +425,8 @@ def grpo_train(
         if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             ev = last_eval = run_eval()
             row.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, float)})
+        if cfg.sample_every and (last or (step + 1) % cfg.sample_every == 0):
+            row["samples"] = greedy_samples()
         metrics.append(row)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
