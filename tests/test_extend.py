@@ -13,6 +13,7 @@ from workbench.extend import (
     AddedExperts,
     VerticalConfig,
     add_expert,
+    fit_probe,
     load_vertical,
     moe_layers,
     save_vertical,
@@ -190,3 +191,25 @@ def test_grown_model_saves_and_loads_like_any_other(base, data, tmp_path):
     assert torch.equal(plain(ids).logits, a)
     with pytest.raises(FileNotFoundError, match="no grown model"):
         AddedExperts.load(TINY)
+
+
+def test_wake_keeps_the_old_domain_within_the_forgetting_budget(base, data):
+    _, _, new_ids, old_ids = data
+    for probe in ("logistic", "mean"):
+        grown, added = add_expert(base, n=2, probe_ids=new_ids)
+        report = wake_experts(grown, added, new_ids, old_ids, old_rate=0.1, probe=probe)
+        for layer in added.layers:
+            assert report["old"][layer] <= 0.1
+        assert selection_rate(grown, added, old_ids) == report["old"]
+    with pytest.raises(ValueError, match="probe must be one of"):
+        wake_experts(grown, added, new_ids, old_ids, probe="svm")
+
+
+def test_fit_probe_separates_two_clouds():
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    x_new = torch.randn(200, 16, generator=g) + direction
+    x_old = torch.randn(300, 16, generator=g) - direction
+    w = fit_probe(x_new, x_old)
+    accuracy = ((x_new @ w > 0).float().mean() + (x_old @ w < 0).float().mean()) / 2
+    assert accuracy > 0.9 and torch.nn.functional.cosine_similarity(w, direction, dim=0) > 0.8

@@ -14,7 +14,7 @@ from workbench.prompts import PromptSetError, format_rows, load_prompt_set, run_
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "data" / "tiny-model"
-ROMAN = ROOT / "data" / "prompts" / "roman.yaml"
+SUBTRACTION = ROOT / "data" / "prompts" / "subtraction.yaml"
 
 
 def _write(tmp_path: Path, data, name: str = "set.json") -> Path:
@@ -23,21 +23,16 @@ def _write(tmp_path: Path, data, name: str = "set.json") -> Path:
     return path
 
 
-def test_the_shipped_roman_set_loads_and_renders(tmp_path):
-    s = load_prompt_set(ROMAN)
-    assert s.name == "roman" and s.task == "roman" and s.defaults["temperature"] == 0.0
-    (p,) = s.select(["to_roman"])
-    assert p.render({"n": 347}) == "Write 347 in Roman numerals."  # exactly the task's own question
-    digits = load_prompt_set(
-        _write(
-            tmp_path,
-            {"name": "a", "prompts": [{"name": "add", "template": "What is {a:digits}?", "inputs": [{"a": 1}]}]},
-        )
-    )
-    assert digits.prompts[0].render({"a": 47}) == "What is 4 7?"  # the integer tasks spell digits apart
-    assert [x["expect"] for x in p.inputs][:3] == ["VII", "XLIX", "CCCXLVII"]
-    assert s.check("C C C X L V I I", "CCCXLVII") is True and s.check("C C C", "CCCXLVII") is False
-    assert s.check(None, "VII") is False
+def test_the_shipped_subtraction_set_loads_and_renders_digits():
+    s = load_prompt_set(SUBTRACTION)
+    assert s.name == "subtraction" and s.task == "sub" and s.defaults["temperature"] == 0.0
+    (p,) = s.select(["subtract"])
+    assert p.render({"a": 85, "b": 37}) == "What is 8 5 - 3 7?"  # exactly the task's own question
+    assert [x["expect"] for x in p.inputs][:2] == [48, 4]
+    assert s.check("4 8", 48) is True and s.check("48", 48) is True and s.check("4 9", 48) is False
+    assert s.check(None, 48) is False and s.check("4 8", None) is None
+    with pytest.raises(PromptSetError, match="no prompt named"):
+        s.select(["divide"])
 
 
 @pytest.mark.parametrize(
@@ -70,18 +65,19 @@ def test_yaml_errors_and_wrong_suffix(tmp_path):
         load_prompt_set(tmp_path / "missing.yaml")
 
 
-def test_run_prompt_set_shows_thinking_and_answer(tmp_path):
-    s = load_prompt_set(ROMAN)
+def test_run_prompt_set_shows_thinking_and_answer():
+    s = load_prompt_set(SUBTRACTION)
     model = load_hf(TINY)
     rows = run_prompt_set(model, s, max_new_tokens=8)
-    assert [r["inputs"]["n"] for r in rows] == [7, 49, 347, 608, 999]
+    assert [(r["prompt"], r["inputs"]["a"]) for r in rows] == [("subtract", a) for a in (85, 60, 93, 70, 44)] + [
+        ("add", 47), ("add", 19)]  # fmt: skip
     for r in rows:
-        assert r["question"].startswith("Write ") and r["correct"] in (True, False)
+        assert r["question"].startswith("What is ") and r["correct"] in (True, False)
         assert r["answer"] is None or isinstance(r["answer"], str)
-    one = run_prompt_set(model, s, overrides={"n": 1994}, max_new_tokens=4)
-    assert len(one) == 1 and one[0]["question"] == "Write 1994 in Roman numerals." and one[0]["correct"] is None
+    one = run_prompt_set(model, s, names=["subtract"], overrides={"a": 71, "b": 28}, max_new_tokens=4)
+    assert len(one) == 1 and one[0]["question"] == "What is 7 1 - 2 8?" and one[0]["correct"] is None
     text = format_rows(rows)
-    assert "thinking:" in text and "answer:" in text and "Write 347 in Roman numerals." in text
+    assert "thinking:" in text and "answer:" in text and "[subtract a=85 b=37] What is 8 5 - 3 7?" in text
 
 
 def test_ask_command_runs_a_grown_model(tmp_path, capsys):
@@ -90,19 +86,17 @@ def test_ask_command_runs_a_grown_model(tmp_path, capsys):
     data = {
         "name": "t",
         "model": "model",  # relative to the file
-        "task": "roman",
+        "task": "sub",
         "defaults": {"max_new_tokens": 6},
-        "prompts": [
-            {"name": "to_roman", "template": "Write {n} in Roman numerals.", "inputs": [{"n": 5, "expect": "V"}]}
-        ],
+        "prompts": [{"name": "subtract", "template": "What is {a:digits} - {b:digits}?", "inputs": [{"a": 9, "b": 5}]}],
     }
     path = _write(tmp_path, data)
     assert main(["ask", "--prompts", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[to_roman n=5] Write 5 in Roman numerals." in out and "answers right" in out
-    assert main(["ask", "--prompts", str(path), "--set", "n=12", "--json"]) == 0
+    assert "[subtract a=9 b=5] What is 9 - 5?" in out and "thinking:" in out
+    assert main(["ask", "--prompts", str(path), "--set", "a=12", "--set", "b=3", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["question"] == "Write 12 in Roman numerals." and "thinking" in row
+    assert row["question"] == "What is 1 2 - 3?" and "thinking" in row
     assert main(["ask", "--prompts", str(path), "--name", "nope"]) == 2
     assert "no prompt named ['nope']" in capsys.readouterr().err
     del data["model"]

@@ -181,6 +181,8 @@ def cmd_vertical(args: argparse.Namespace) -> int:
         args.base,
         args.task,
         args.out,
+        replay_task=None if args.replay_task == "corpus" else args.replay_task,
+        scale=args.scale,
         n=args.n,
         layers=args.layers,
         init=args.init,
@@ -350,19 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes OUT/model (a Hugging Face folder with vertical.json) and OUT/report.json."
         ),
     )
-    v.add_argument("--base", default=str(Path(__file__).resolve().parent.parent / "data" / "tiny-model"),
-                   help="the trained model to grow (default: the shipped data/tiny-model)")  # fmt: skip
-    v.add_argument("--task", default="roman", help="the new domain, a task of workbench.rl.tasks (default: roman)")
+    v.add_argument("--base", help="the trained model to grow (default: pre-train the R1 base of --replay-task)")
+    v.add_argument("--task", default="sub", help="the new domain, a task of workbench.rl.tasks (default: sub)")
+    v.add_argument(
+        "--replay-task",
+        default="add",
+        help="the task the base knows (its documents are replayed and its accuracy watched); 'corpus' for a "
+        "five-domain model such as data/tiny-model (default: add)",
+    )
+    v.add_argument("--scale", default="laptop", help="scale of the base pre-training when --base is not given")
     v.add_argument("--out", default="runs/vertical", help="output folder (default: runs/vertical)")
     v.add_argument("--n", type=int, default=None, help="new experts per layer (default: n_group, one per group)")
     v.add_argument("--layers", type=int, nargs="+", help="MoE layers to grow (default: all of the main model)")
     v.add_argument("--init", default="copy", choices=["copy", "average", "random"], help="initialisation")
     v.add_argument("--rate", type=float, default=0.5, help="share of new-domain tokens routed to the new experts at "
                    "wake-up (default: 0.5)")  # fmt: skip
-    v.add_argument("--steps", type=int, default=600, help="language-modelling steps on the new domain (default: 600)")
+    v.add_argument("--steps", type=int, default=1000, help="cold-start steps on the new domain (default: 1000)")
     v.add_argument("--replay", type=float, default=0.5, help="share of tokens from the base corpus (default: 0.5)")
     v.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
-    v.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps after the LM stage (default: 0)")
+    v.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps after the cold start (default: 30)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     v.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")

@@ -19,26 +19,37 @@ Three steps, each a function here:
    that the logits are equal.) Layers not chosen still get the slots, since every layer of a config has
    the same number of experts, but there the new experts are *absent*: bias ``-inf``, never selected,
    never trained.
-2. ``wake_experts(model, added, new_ids, old_ids, rate)`` makes the new experts reachable for the new
-   domain. It sets each new router row to a linear probe for the domain (the direction from the mean
-   router input of old-domain tokens to that of new-domain tokens, scaled like the old rows) and then
-   lowers the dormant bias, by bisection through the real router, until a fraction ``rate`` of the new
-   domain's tokens select a new expert. It reports how often old-domain tokens select one too (few, if
-   the probe separates the domains). From here the old-domain function is no longer exact: it changes
-   only where an old-domain token picks a new expert.
+2. ``wake_experts(model, added, new_ids, old_ids, old_rate)`` makes the new experts reachable for the
+   new domain. Each new router row becomes a linear classifier of the new domain's tokens: logistic
+   regression on the router's inputs x of new-domain against old-domain tokens (``fit_probe``; a router
+   row computes ``sigmoid(x . w)``, exactly a logistic model without intercept). Then the dormant bias is
+   raised, by bisection through the real router, as far as a *forgetting budget* allows: at most
+   ``old_rate`` of the old domain's tokens may select a new expert (or, with ``rate``, until that share of
+   new-domain tokens do). From here the old-domain function is no longer exact: it changes only where an
+   old-domain token picks a new expert.
 3. ``train_only_new_experts(model, added)`` is a context manager: inside it only the new experts, their
    router rows (and, if asked, the rows of new tokens in the embedding and the output head) receive
    gradients, and loss-free balancing moves only the new experts' biases. Any of our loops then trains
    the vertical: ``train_vertical`` (language modelling on the new domain mixed with replay of the old
-   corpus), ``rl.sft.sft_train`` (cold-start traces) and ``rl.grpo.grpo_train`` (a chain of thought by
-   RL). Because the experts are stored stacked, (E, I, D), freezing *some* experts of a tensor is done
-   with gradient masks (a hook zeroes the old rows' gradients; AdamW with weight decay 0 then leaves
-   them bit for bit unchanged, which the tests check).
+   corpus: the cold start of the vertical's chain of thought, since its documents are worked traces),
+   ``rl.sft.sft_train`` and ``rl.grpo.grpo_train`` (the chain of thought by RL). Because the experts
+   are stored stacked, (E, I, D), freezing *some* experts of a tensor is done with gradient masks (a
+   hook zeroes the old rows' gradients; AdamW with weight decay 0 then leaves them bit for bit
+   unchanged, which the tests check).
 
 What it buys: the trained parameters are a few percent of the model, the optimiser state shrinks in
 proportion, and the backward pass skips the weight gradients of every frozen matrix (``VerticalReport``
 reports trained vs total parameters and an estimate of the compute saved; lesson 9 measures the step
 time).
+
+What it cannot do: new experts are feed-forward networks. They learn new *mappings* of what attention
+brings them, not new ways of *reading* the context. A vertical must lean on reading the base already does
+(lesson 9: subtraction grown onto a model that adds works; Roman numerals grown onto ``data/tiny-model``,
+which cannot copy a number out of its context, learn every letter and never the right digit).
+
+Balancing: ``train_vertical`` keeps the new experts' bias where waking put it (``bias_update_speed`` 0
+by default): loss-free balancing pushes every expert toward the mean load, and the only way for a new
+expert to get it is to take old-domain tokens.
 
 Where it simplifies
 -------------------
@@ -320,53 +331,92 @@ def selection_rate(model: Model, added: AddedExperts, ids: torch.Tensor) -> dict
     return out
 
 
+PROBES = ("logistic", "mean", "none")
+
+
+def fit_probe(x_new: torch.Tensor, x_old: torch.Tensor, steps: int = 100, l2: float = 1e-3) -> torch.Tensor:
+    """A linear classifier w (hidden,) with sigmoid(x . w) ~ P(token is new-domain): logistic regression
+    without intercept (exactly what a router row computes), the two domains weighted equally, fit by L-BFGS."""
+    x = torch.cat([x_new, x_old]).float()  # (N, hidden)
+    y = torch.cat([torch.ones(len(x_new)), torch.zeros(len(x_old))]).to(x.device)
+    weight = torch.cat([torch.full((len(x_new),), 0.5 / len(x_new)), torch.full((len(x_old),), 0.5 / len(x_old))])
+    weight = weight.to(x.device)
+    w = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y, reduction="none") * weight).sum()
+        loss = loss + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
 @torch.no_grad()
 def wake_experts(
     model: Model,
     added: AddedExperts,
     new_ids: torch.Tensor,
     old_ids: torch.Tensor,
-    rate: float = 0.5,
-    probe: bool = True,
+    *,
+    old_rate: float = 0.05,
+    rate: float | None = None,
+    probe: str = "logistic",
 ) -> dict[str, dict[int, float]]:
-    """Make the new experts reachable: a probe router row, and a bias that routes ``rate`` of new tokens.
+    """Make the new experts reachable for the new domain: a probe router row, then a bias.
 
-    new_ids / old_ids (B, T): token windows of the new domain and of the base corpus.
-    probe: set the new router rows to ``mean(x_new) - mean(x_old)`` (the router inputs x of each
-        domain), scaled so their logits spread like the old rows'; False keeps the rows ``init`` gave.
-    Returns ``{"new": {layer: rate}, "old": {layer: rate}, "bias": {layer: bias}}``: the share of each
-    domain's tokens that now select a new expert, and the bias that was set.
+    new_ids / old_ids (B, T): token windows of the new domain and of what the base knows.
+    probe: the new router rows become a linear classifier of the router inputs x of the two domains,
+        ``"logistic"`` (fit by ``fit_probe``) or ``"mean"`` (``mean(x_new) - mean(x_old)``, scaled so its
+        logits spread like the old rows'); ``"none"`` keeps the rows ``init`` gave.
+    old_rate: the bias is the highest at which at most this share of old-domain tokens select a new
+        expert (the forgetting budget; the new domain gets whatever share that leaves) ...
+    rate: ... or, if given, the bias at which this share of the new domain's tokens select one.
+    Returns ``{"new": {layer: share}, "old": {layer: share}, "bias": {layer: bias}}``.
     """
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    target, which = (old_rate, "old") if rate is None else (rate, "new")
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"{'old_rate' if rate is None else 'rate'} must be in [0, 1), got {target}")
     moes = moe_layers(model)
     new = torch.tensor(added.new_experts, device=model.device)
     report: dict[str, dict[int, float]] = {"new": {}, "old": {}, "bias": {}}
     for i in added.layers:  # in order: waking a layer changes what the layers above it receive
-        x_new = _router_inputs(model, new_ids, [i])
-        x_old = _router_inputs(model, old_ids, [i])
+        x = {
+            "new": _router_inputs(model, new_ids, [i])[i].float(),
+            "old": _router_inputs(model, old_ids, [i])[i].float(),
+        }
         router = moes[i].gate
         old = torch.ones(router.n_experts, dtype=torch.bool, device=model.device)
         old[new] = False
-        if probe:
-            d = x_new[i].float().mean(0) - x_old[i].float().mean(0)  # (hidden,)
-            old_spread = (x_old[i].float() @ router.weight[old].float().T).std(dim=0).mean()
-            spread = (torch.cat([x_new[i], x_old[i]]).float() @ d).std()
+        if probe == "logistic":
+            router.weight[new] = fit_probe(x["new"], x["old"]).to(router.weight.dtype)
+        elif probe == "mean":
+            d = x["new"].mean(0) - x["old"].mean(0)  # (hidden,)
+            old_spread = (x["old"] @ router.weight[old].float().T).std(dim=0).mean()
+            spread = (torch.cat([x["new"], x["old"]]) @ d).std()
             router.weight[new] = (d * old_spread / spread.clamp_min(1e-9)).to(router.weight.dtype)
 
-        def share(bias: float, x: torch.Tensor, router=router) -> float:
+        def share(bias: float, tokens: torch.Tensor, router=router) -> float:
             router.e_score_correction_bias[new] = bias
-            topk_idx, _, _ = router(x)
+            topk_idx, _, _ = router(tokens)
             return float(torch.isin(topk_idx, new).any(dim=-1).float().mean())
 
-        lo = float(_finite(router.e_score_correction_bias[old]).min()) - DORMANT_MARGIN  # rate 0 here
-        hi = float(_finite(router.e_score_correction_bias[old]).max()) + DORMANT_MARGIN  # rate 1 here
-        for _ in range(40):  # bisection: the share of new tokens grows with the bias
+        lo = float(_finite(router.e_score_correction_bias[old]).min()) - DORMANT_MARGIN  # share 0 here
+        hi = float(_finite(router.e_score_correction_bias[old]).max()) + DORMANT_MARGIN  # share 1 here
+        for _ in range(40):  # bisection: both shares grow with the bias
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if share(mid, x_new[i]) < rate else (lo, mid)
-        report["new"][i] = share(hi, x_new[i])
-        report["old"][i] = share(hi, x_old[i])
-        report["bias"][i] = hi
+            ok = share(mid, x[which]) <= target if which == "old" else share(mid, x[which]) < target
+            lo, hi = (mid, hi) if ok else (lo, mid)
+        bias = lo if which == "old" else hi  # old: stay within the budget; new: reach the target
+        report["new"][i] = share(bias, x["new"])
+        report["old"][i] = share(bias, x["old"])
+        report["bias"][i] = bias
     return report
 
 
@@ -460,7 +510,7 @@ class VerticalConfig:
     replay_fraction: float = 0.5  # share of the training tokens drawn from the base corpus
     n_new_docs: int = 600  # new-domain documents: train-split problems with their worked traces
     n_old_docs: int = 1000  # base-corpus documents for replay and the old-domain measurements
-    bias_update_speed: float | None = None  # gamma for the new experts' bias (None: the model's)
+    bias_update_speed: float | None = 0.0  # gamma for the new experts' bias (None: the model's); see above
     train_router: bool = True
     train_new_tokens: bool = True  # the embedding/head rows of tokens the base never saw (<think>, ...)
     eval_every: int = 50
@@ -475,22 +525,29 @@ class VerticalConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def vertical_dataset(task, cfg: VerticalConfig, tokenizer):
-    """A ``TokenDataset`` of the new domain (``task`` problems with traces, domain = task name) and the
-    base corpus's domains, with enough base documents that they make ``replay_fraction`` of the tokens."""
+def vertical_dataset(task, cfg: VerticalConfig, tokenizer, replay: Sequence | None = None):
+    """A ``TokenDataset`` of the new domain (``task`` problems with their traces, domain = task name) and
+    of replay documents from what the base was trained on, enough of them to make ``replay_fraction``
+    of the tokens. replay: those documents (``data.Document``); default: the five-domain corpus, drawn
+    with another seed than the one the shipped tiny model was trained on."""
     from workbench.data import Document, TokenDataset, generate_corpus
 
     problems = task.sample(cfg.n_new_docs, seed=cfg.seed)
     new_docs = [Document(task.name, task.prompt(ex) + task.trace(ex)) for ex in problems]
-    old_docs = generate_corpus(cfg.n_old_docs, seed=1000 + cfg.seed)  # not the base's own seed-0 corpus
+    old_docs = list(replay) if replay is not None else generate_corpus(cfg.n_old_docs, seed=1000 + cfg.seed)
+    if not old_docs:
+        raise ValueError("replay holds no documents; the old domains are needed to measure forgetting")
+    if any(d.domain == task.name for d in old_docs):
+        raise ValueError(f"the replay documents already contain the new domain {task.name!r}")
     if cfg.replay_fraction > 0:
         new_tokens = sum(len(tokenizer.encode(d.text)) + 2 for d in new_docs)
-        per_old = sum(len(tokenizer.encode(d.text)) + 2 for d in old_docs[:100]) / min(100, len(old_docs))
+        sample = old_docs[:100]
+        per_old = sum(len(tokenizer.encode(d.text)) + 2 for d in sample) / len(sample)
         wanted = math.ceil(cfg.replay_fraction / (1 - cfg.replay_fraction) * new_tokens / per_old)
-        replay = old_docs[: max(1, min(len(old_docs), wanted))]
+        kept = old_docs[: max(2, min(len(old_docs), wanted))]
     else:
-        replay = old_docs[: max(1, len(old_docs) // 10)]  # kept for the old-domain measurements only
-    return TokenDataset.from_documents(new_docs + replay, tokenizer, val_fraction=0.1, seed=cfg.seed)
+        kept = old_docs[: max(2, len(old_docs) // 10)]  # kept for the old-domain measurements only
+    return TokenDataset.from_documents(new_docs + kept, tokenizer, val_fraction=0.1, seed=cfg.seed)
 
 
 @dataclass
@@ -583,71 +640,87 @@ def train_vertical(
 @torch.no_grad()
 def vertical_metrics(
     model: Model,
-    added: AddedExperts,
     task,
     dataset,
+    added: AddedExperts | None = None,
     *,
+    old_task=None,
     tokenizer=None,
     n_problems: int = 64,
     max_new_tokens: int = 64,
     n_batches: int = 4,
 ) -> dict[str, Any]:
     """Everything the lesson compares before and after: new-domain accuracy (greedy, held-out problems),
-    validation loss per domain, the share of each domain's tokens that pick a new expert per layer, and
-    the load balance (MaxVio) of each grown layer on the mixed validation stream."""
+    the old task's (with ``old_task``), validation loss per domain; with ``added`` also the share of each
+    domain's tokens that pick a new expert, per layer, and the load balance (MaxVio over the experts that
+    exist) of each grown layer."""
     from workbench.analysis import expert_usage_by_domain, loss_by_domain
     from workbench.rl.rollout import evaluate
     from workbench.tokenizer import load_tokenizer
 
     tok = tokenizer or load_tokenizer()
-    held_out = task.sample(n_problems, seed=0, split="test")
-    ev = evaluate(model, task, held_out, tok, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    usage = expert_usage_by_domain(model, dataset, n_batches=n_batches)  # (layers, domains, E)
-    moes = [i for i in moe_layers(model) if i < model.config.num_hidden_layers or len(model.mtp)]
-    k = model.config.num_experts_per_tok
-    new_share = {  # share of each domain's tokens routed to a new expert (k slots per token)
-        layer: {d: float(usage[li, di, added.new_experts].sum() * k) for di, d in enumerate(dataset.domains)}
-        for li, layer in enumerate(moes)
-        if layer in added.layers
-    }
-    counts = usage.mean(dim=1)  # (layers, E): load over the domains, equally weighted
+
+    def greedy(t) -> dict[str, Any]:
+        held_out = t.sample(n_problems, seed=0, split="test")
+        return evaluate(model, t, held_out, tok, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+
+    ev = greedy(task)
+    out = {"accuracy": ev["accuracy"], "format": ev["format"], "length": ev["length"]}
+    if old_task is not None:
+        out["old_accuracy"] = greedy(old_task)["accuracy"]
+    out["loss"] = loss_by_domain(model, dataset, n_batches=n_batches)
+    if added is None:
+        return out
+    new_share: dict[int, dict[str, float]] = {layer: {} for layer in added.layers}
+    for d in dataset.domains:  # share of each domain's tokens that send a slot to a new expert
+        rates = selection_rate(model, added, domain_windows(dataset, d, 8 * n_batches).to(model.device))
+        for layer, rate in rates.items():
+            new_share[layer][d] = rate
+    usage = expert_usage_by_domain(model, dataset, n_batches=n_batches)  # (main MoE layers, domains, E)
+    main = [i for i in moe_layers(model) if i < model.config.num_hidden_layers]
+    load = usage.mean(dim=1)  # (layers, E): share of the slots, the domains weighted equally
     maxvio = {}
-    for li, layer in enumerate(moes):
+    for li, layer in enumerate(main):
         if layer in added.layers:
-            live = counts[li][torch.isfinite(moe_layers(model)[layer].gate.e_score_correction_bias.cpu())]
+            live = load[li][torch.isfinite(moe_layers(model)[layer].gate.e_score_correction_bias.cpu())]
             maxvio[layer] = float((live.max() - live.mean()) / live.mean())
-    return {
-        "accuracy": ev["accuracy"],
-        "format": ev["format"],
-        "length": ev["length"],
-        "loss": loss_by_domain(model, dataset, n_batches=n_batches),
-        "new_expert_share": new_share,
-        "maxvio": maxvio,
-    }
+    return {**out, "new_expert_share": new_share, "maxvio": maxvio}
 
 
 def run_vertical(
-    base: str | Path | Model,
-    task_name: str = "roman",
+    base: str | Path | Model | None = None,
+    task_name: str = "sub",
     out: str | Path | None = None,
     *,
+    replay_task: str | None = "add",
+    scale: str = "laptop",
     n: int | None = None,
     layers: Sequence[int] | None = None,
     init: str = "copy",
     rate: float = 0.5,
-    steps: int = 600,
+    steps: int = 1000,
     replay: float = 0.5,
     lr: float = 3e-3,
-    grpo_steps: int = 0,
+    grpo_steps: int = 30,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole recipe (``python -m workbench vertical``): grow, wake, train the new experts on the new
-    domain, optionally GRPO them, measure before and after. Writes OUT/model and OUT/report.json."""
+    domain, GRPO them, measure before and after. Writes OUT/model and OUT/report.json.
+
+    base: a model or a model folder; None pre-trains the R1 base of ``replay_task`` at ``scale``
+        (``rl.pipeline.make_base``, about two minutes on a laptop for ``add``).
+    replay_task: the task the base was trained on: its documents are the replay, and its held-out
+        accuracy is the old-domain accuracy. None: the base is a five-domain model such as
+        ``data/tiny-model``, and the replay is the generated corpus.
+    """
+    from workbench.data import Document
     from workbench.hf import load_hf
+    from workbench.rl.base import base_documents
     from workbench.rl.grpo import GRPOConfig, grpo_train
+    from workbench.rl.pipeline import get_scale, make_base
     from workbench.rl.tasks import get_task
     from workbench.tokenizer import load_tokenizer
     from workbench.train import resolve_device
@@ -656,26 +729,42 @@ def run_vertical(
     if out is not None and (out / "model").exists() and not overwrite:
         raise FileExistsError(f"{out / 'model'} exists; pass overwrite=True (--overwrite) or choose another folder")
     tok, task = load_tokenizer(), get_task(task_name)
-    model = base if isinstance(base, Model) else load_hf(base, device=resolve_device(device))
+    old_task = get_task(replay_task) if replay_task is not None else None
+    if isinstance(base, Model):
+        model = base
+    elif base is not None:
+        model = load_hf(base, device=resolve_device(device))
+    elif old_task is not None:
+        model = make_base(old_task, scale, seed=seed, progress=progress)
+    else:
+        raise ValueError("give a base model (a folder), or a replay_task whose R1 base to pre-train")
     cfg = VerticalConfig(steps=steps, replay_fraction=replay, lr=lr, eval_every=0, seed=seed, device=device)
-    dataset = vertical_dataset(task, cfg, tok)
-    before = vertical_metrics(model, AddedExperts(0, init, [], [], [], []), task, dataset, tokenizer=tok)
+    docs = None
+    if old_task is not None:
+        think = get_scale(scale).think_fraction
+        docs = [
+            Document(old_task.name, d.text) for d in base_documents(old_task, 2000, seed=seed + 7, think_fraction=think)
+        ]
+    dataset = vertical_dataset(task, cfg, tok, replay=docs)
+    measure = dict(old_task=old_task, tokenizer=tok)
+    before = vertical_metrics(model, task, dataset, **measure)
     new_ids = domain_windows(dataset, task.name, 16, seed=seed).to(model.device)
     old_ids = old_windows(dataset, task.name, 32, seed=seed).to(model.device)
     grown, added = add_expert(model, n or model.config.n_group, layers, init, probe_ids=new_ids, seed=seed)
     woken = wake_experts(grown, added, new_ids, old_ids, rate=rate)
     report = train_vertical(grown, added, task, cfg, dataset=dataset, tokenizer=tok, progress=progress)
-    stages = {"base": before, "vertical_lm": vertical_metrics(grown, added, task, dataset, tokenizer=tok)}
+    stages = {"base": before, "cold_start": vertical_metrics(grown, task, dataset, added, **measure)}
     if grpo_steps:
-        g = GRPOConfig(steps=grpo_steps, max_new_tokens=64, eval_every=0, lr=1e-3, beta=0.0, seed=seed, device=device)
+        g = GRPOConfig(steps=grpo_steps, eval_every=0, lr=1e-3, beta=0.0, seed=seed, device=device)
         with train_only_new_experts(grown, added, train_tokens=added.train_tokens):
             grpo_train(grown, task, g, tokenizer=tok, progress=progress)
-        stages["vertical_grpo"] = vertical_metrics(grown, added, task, dataset, tokenizer=tok)
+        stages["grpo"] = vertical_metrics(grown, task, dataset, added, **measure)
     last = stages[list(stages)[-1]]
     summary = {
         "added": added.describe(),
         "trained": report.summary(),
         "accuracy": {k: v["accuracy"] for k, v in stages.items()},
+        "old_accuracy": {k: v.get("old_accuracy") for k, v in stages.items()},
         "old_domain_loss_change": {
             d: last["loss"][d] / before["loss"][d] - 1 for d in before["loss"] if d != task.name
         },
@@ -722,12 +811,14 @@ def old_windows(dataset, new_domain: str, n: int = 8, seq_len: int = 64, seed: i
 __all__ = [
     "DORMANT_MARGIN",
     "INITS",
+    "PROBES",
     "AddedExperts",
     "Trainable",
     "VerticalConfig",
     "VerticalReport",
     "add_expert",
     "domain_windows",
+    "fit_probe",
     "flops_saved_estimate",
     "load_vertical",
     "run_vertical",

@@ -31,6 +31,11 @@ The tasks
 ``add``
     Warm-up: two two-digit numbers, ``What is 4 7 + 3 8?``. Every prompt is the same number of tokens,
     so one batch samples them all; small enough that RL shows its effect in a CI-sized run.
+``sub``
+    Two two-digit numbers, the larger first, ``What is 8 5 - 3 7?``, with the column trace of
+    subtraction (``5 - 7 < 0, 15 - 7 = 8, borrow 1. 8 - 1 - 3 = 4.``). The same prompt shape as ``add``,
+    so a model that can add already *reads* these questions; what it lacks is the new rule. It is the
+    vertical of the add-an-expert lesson (``workbench.extend``).
 ``arithmetic``
     Two- and three-digit addition and subtraction (never negative), with column-by-column traces
     (``7 + 8 = 15, carry 1.`` / ``3 - 8 < 0, 13 - 8 = 5, borrow 1.``).
@@ -169,6 +174,13 @@ def make_add(rng: random.Random) -> Example:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     question = f"What is {spell(a)} + {spell(b)}?"
     return Example("add", f"{a}+{b}", question, spell(a + b), {"a": a, "b": b, "op": "+"})
+
+
+def make_sub(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = max(a, b), min(a, b)
+    question = f"What is {spell(a)} - {spell(b)}?"
+    return Example("sub", f"{a}-{b}", question, spell(a - b), {"a": a, "b": b, "op": "-"})
 
 
 def make_arithmetic(rng: random.Random) -> Example:
@@ -418,6 +430,15 @@ TASKS: dict[str, Task] = {
         verify=integer_verify,
         trace=integer_trace,
     ),
+    "sub": Task(
+        name="sub",
+        description="two-digit subtraction, never negative (the vertical of lesson 9, grown onto an add model)",
+        make=make_sub,
+        prompt=integer_prompt,
+        parse_answer=parse_int,
+        verify=integer_verify,
+        trace=integer_trace,
+    ),
     "arithmetic": Task(
         name="arithmetic",
         description="two- and three-digit addition and subtraction",
@@ -453,7 +474,7 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``add``, ``arithmetic``, ``countdown``, ``roman``)."""
+    """The task called ``name`` (``add``, ``sub``, ``arithmetic``, ``countdown``, ``roman``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
