@@ -125,16 +125,13 @@ class ModelConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         need(
-            isinstance(self.qk_rope_head_dim, int)
-            and self.qk_rope_head_dim > 0
-            and self.qk_rope_head_dim % 2 == 0,
+            isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
             f"qk_rope_head_dim must be a positive even integer (RoPE rotates pairs of dimensions), "
             f"got {self.qk_rope_head_dim!r}; use e.g. {max(2, (self.qk_rope_head_dim or 0) // 2 * 2)}",
         )
         need(
             self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-            f"q_lora_rank must be a positive integer or None (no query compression), "
-            f"got {self.q_lora_rank!r}",
+            f"q_lora_rank must be a positive integer or None (no query compression), got {self.q_lora_rank!r}",
         )
         need(
             0 <= self.first_k_dense_replace <= self.num_hidden_layers,
@@ -164,8 +161,7 @@ class ModelConfig:
             )
             need(
                 isinstance(self.n_group, int) and self.n_group >= 1,
-                f"n_group must be a positive integer, got {self.n_group!r}; "
-                "use 1 to disable group-limited routing",
+                f"n_group must be a positive integer, got {self.n_group!r}; use 1 to disable group-limited routing",
             )
             need(
                 E % self.n_group == 0,

@@ -116,9 +116,7 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
-        )
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
         self.softmax_scale = softmax_scale(self.qk_head_dim, config.rope_scaling)
 

@@ -74,9 +74,7 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(
-            [MTPModule(config, d) for d in range(1, config.num_nextn_predict_layers + 1)]
-        )
+        self.mtp = nn.ModuleList([MTPModule(config, d) for d in range(1, config.num_nextn_predict_layers + 1)])
         cos, sin = rope_tables(
             config.qk_rope_head_dim,
             config.max_position_embeddings,
@@ -178,13 +176,9 @@ class Model(nn.Module):
 
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}"
-                )
+                raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             out.main_loss = _shifted_cross_entropy(logits, labels, shift=1)
-            out.mtp_losses = [
-                _shifted_cross_entropy(lg, labels, shift=i + 2) for i, lg in enumerate(mtp_logits)
-            ]
+            out.mtp_losses = [_shifted_cross_entropy(lg, labels, shift=i + 2) for i, lg in enumerate(mtp_logits)]
             loss = out.main_loss
             if out.mtp_losses:
                 out.mtp_loss = torch.stack(out.mtp_losses).mean()
@@ -196,9 +190,7 @@ class Model(nn.Module):
         return out
 
     @torch.no_grad()
-    def update_expert_bias(
-        self, routing: list[RoutingStats] | list[torch.Tensor], gamma: float | None = None
-    ) -> None:
+    def update_expert_bias(self, routing: list[RoutingStats] | list[torch.Tensor], gamma: float | None = None) -> None:
         """Auxiliary-loss-free balancing: nudge every router's bias from the observed expert loads.
 
         routing: the ``ModelOutput.routing`` of the step (or one counts tensor per router, in the order

@@ -44,9 +44,7 @@ def softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> floa
     return scale
 
 
-def inverse_frequencies(
-    dim: int, theta: float, rope_scaling: dict[str, Any] | None
-) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(dim: int, theta: float, rope_scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
     """The rotation speed of each of the dim/2 pairs, and the cos/sin attention factor."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
     if rope_scaling is None:
