@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,20 @@ def test_fit_probe_separates_two_clouds():
     w = fit_probe(x_new, x_old)
     accuracy = ((x_new @ w > 0).float().mean() + (x_old @ w < 0).float().mean()) / 2
     assert accuracy > 0.9 and torch.nn.functional.cosine_similarity(w, direction, dim=0) > 0.8
+
+
+def test_vertical_command_grows_trains_and_reports(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "run"
+    args = ["vertical", "--base", str(TINY), "--task", "roman", "--replay-task", "corpus", "--out", str(out),
+            "--steps", "3", "--grpo-steps", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["accuracy"]) == {"base", "cold_start", "grpo"} and "trained" in summary
+    report = json.loads((out / "report.json").read_text())
+    assert report["added"]["n"] == 2 and report["stages"]["grpo"]["new_expert_share"]
+    grown, added = load_vertical(out / "model")
+    assert grown.config.n_routed_experts == 10 and added.train_tokens
+    assert main(args) == 2  # the model folder exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err

@@ -27,10 +27,10 @@ def test_the_shipped_subtraction_set_loads_and_renders_digits():
     s = load_prompt_set(SUBTRACTION)
     assert s.name == "subtraction" and s.task == "sub" and s.defaults["temperature"] == 0.0
     (p,) = s.select(["subtract"])
-    assert p.render({"a": 85, "b": 37}) == "What is 8 5 - 3 7?"  # exactly the task's own question
-    assert [x["expect"] for x in p.inputs][:2] == [48, 4]
-    assert s.check("4 8", 48) is True and s.check("48", 48) is True and s.check("4 9", 48) is False
-    assert s.check(None, 48) is False and s.check("4 8", None) is None
+    assert p.render({"a": 87, "b": 35}) == "What is 8 7 - 3 5?"  # exactly the task's own question
+    assert [x["expect"] for x in p.inputs][:2] == [52, 45]
+    assert s.check("5 2", 52) is True and s.check("52", 52) is True and s.check("5 3", 52) is False
+    assert s.check(None, 52) is False and s.check("5 2", None) is None
     with pytest.raises(PromptSetError, match="no prompt named"):
         s.select(["divide"])
 
@@ -69,7 +69,7 @@ def test_run_prompt_set_shows_thinking_and_answer():
     s = load_prompt_set(SUBTRACTION)
     model = load_hf(TINY)
     rows = run_prompt_set(model, s, max_new_tokens=8)
-    assert [(r["prompt"], r["inputs"]["a"]) for r in rows] == [("subtract", a) for a in (85, 60, 93, 70, 44)] + [
+    assert [(r["prompt"], r["inputs"]["a"]) for r in rows] == [("subtract", a) for a in (87, 69, 93, 58, 44)] + [
         ("add", 47), ("add", 19)]  # fmt: skip
     for r in rows:
         assert r["question"].startswith("What is ") and r["correct"] in (True, False)
@@ -77,7 +77,7 @@ def test_run_prompt_set_shows_thinking_and_answer():
     one = run_prompt_set(model, s, names=["subtract"], overrides={"a": 71, "b": 28}, max_new_tokens=4)
     assert len(one) == 1 and one[0]["question"] == "What is 7 1 - 2 8?" and one[0]["correct"] is None
     text = format_rows(rows)
-    assert "thinking:" in text and "answer:" in text and "[subtract a=85 b=37] What is 8 5 - 3 7?" in text
+    assert "thinking:" in text and "answer:" in text and "[subtract a=87 b=35] What is 8 7 - 3 5?" in text
 
 
 def test_ask_command_runs_a_grown_model(tmp_path, capsys):

@@ -186,7 +186,7 @@ def cmd_vertical(args: argparse.Namespace) -> int:
         n=args.n,
         layers=args.layers,
         init=args.init,
-        rate=args.rate,
+        old_rate=args.old_rate,
         steps=args.steps,
         replay=args.replay,
         lr=args.lr,
@@ -365,12 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=None, help="new experts per layer (default: n_group, one per group)")
     v.add_argument("--layers", type=int, nargs="+", help="MoE layers to grow (default: all of the main model)")
     v.add_argument("--init", default="copy", choices=["copy", "average", "random"], help="initialisation")
-    v.add_argument("--rate", type=float, default=0.5, help="share of new-domain tokens routed to the new experts at "
-                   "wake-up (default: 0.5)")  # fmt: skip
-    v.add_argument("--steps", type=int, default=1000, help="cold-start steps on the new domain (default: 1000)")
+    v.add_argument("--old-rate", type=float, default=0.05, help="forgetting budget at wake-up: the share of old-domain "
+                   "tokens allowed onto the new experts (default: 0.05)")  # fmt: skip
+    v.add_argument("--steps", type=int, default=2000, help="cold-start steps on the new domain (default: 2000)")
     v.add_argument("--replay", type=float, default=0.5, help="share of tokens from the base corpus (default: 0.5)")
     v.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
-    v.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps after the cold start (default: 30)")
+    v.add_argument("--grpo-steps", type=int, default=20, help="GRPO steps after the cold start (default: 20)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     v.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")

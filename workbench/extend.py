@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from workbench.checkpoint import atomic_write_json, read_json
+from workbench.checkpoint import CheckpointError, atomic_write_json, read_json
 from workbench.config import ConfigError
 from workbench.model import Model
 from workbench.moe import MoE
@@ -638,6 +638,23 @@ def train_vertical(
 
 
 @torch.no_grad()
+def completion_loss(model: Model, task, n_problems: int = 64, *, tokenizer=None, split: str = "test") -> float:
+    """Mean next-token loss of a task's worked completions (trace and answer) given their prompts, on
+    held-out problems: what the model knows of the task, without the loss of guessing the question."""
+    from workbench.rl.sft import sft_batch
+    from workbench.tokenizer import load_tokenizer
+
+    tok = tokenizer or load_tokenizer()
+    pairs = [(task.prompt(ex), task.trace(ex)) for ex in task.sample(n_problems, seed=0, split=split)]
+    ids, labels = sft_batch(tok, pairs)
+    was = model.training
+    model.eval()
+    loss = float(model(ids.to(model.device), labels=labels.to(model.device), compute_mtp=False).main_loss)
+    model.train(was)
+    return loss
+
+
+@torch.no_grad()
 def vertical_metrics(
     model: Model,
     task,
@@ -666,8 +683,10 @@ def vertical_metrics(
 
     ev = greedy(task)
     out = {"accuracy": ev["accuracy"], "format": ev["format"], "length": ev["length"]}
+    out["completion_loss"] = completion_loss(model, task, n_problems, tokenizer=tok)
     if old_task is not None:
         out["old_accuracy"] = greedy(old_task)["accuracy"]
+        out["old_completion_loss"] = completion_loss(model, old_task, n_problems, tokenizer=tok)
     out["loss"] = loss_by_domain(model, dataset, n_batches=n_batches)
     if added is None:
         return out
@@ -697,11 +716,11 @@ def run_vertical(
     n: int | None = None,
     layers: Sequence[int] | None = None,
     init: str = "copy",
-    rate: float = 0.5,
-    steps: int = 1000,
+    old_rate: float = 0.05,
+    steps: int = 2000,
     replay: float = 0.5,
     lr: float = 3e-3,
-    grpo_steps: int = 30,
+    grpo_steps: int = 20,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -727,7 +746,7 @@ def run_vertical(
 
     out = Path(out) if out is not None else None
     if out is not None and (out / "model").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'model'} exists; pass overwrite=True (--overwrite) or choose another folder")
+        raise CheckpointError(f"{out / 'model'} exists; pass overwrite=True (--overwrite) or choose another folder")
     tok, task = load_tokenizer(), get_task(task_name)
     old_task = get_task(replay_task) if replay_task is not None else None
     if isinstance(base, Model):
@@ -751,12 +770,12 @@ def run_vertical(
     new_ids = domain_windows(dataset, task.name, 16, seed=seed).to(model.device)
     old_ids = old_windows(dataset, task.name, 32, seed=seed).to(model.device)
     grown, added = add_expert(model, n or model.config.n_group, layers, init, probe_ids=new_ids, seed=seed)
-    woken = wake_experts(grown, added, new_ids, old_ids, rate=rate)
+    woken = wake_experts(grown, added, new_ids, old_ids, old_rate=old_rate)
     report = train_vertical(grown, added, task, cfg, dataset=dataset, tokenizer=tok, progress=progress)
     stages = {"base": before, "cold_start": vertical_metrics(grown, task, dataset, added, **measure)}
     if grpo_steps:
-        g = GRPOConfig(steps=grpo_steps, eval_every=0, lr=1e-3, beta=0.0, seed=seed, device=device)
-        with train_only_new_experts(grown, added, train_tokens=added.train_tokens):
+        g = GRPOConfig(steps=grpo_steps, eval_every=0, lr=1e-4, beta=0.04, seed=seed, device=device)
+        with train_only_new_experts(grown, added):
             grpo_train(grown, task, g, tokenizer=tok, progress=progress)
         stages["grpo"] = vertical_metrics(grown, task, dataset, added, **measure)
     last = stages[list(stages)[-1]]
@@ -765,6 +784,7 @@ def run_vertical(
         "trained": report.summary(),
         "accuracy": {k: v["accuracy"] for k, v in stages.items()},
         "old_accuracy": {k: v.get("old_accuracy") for k, v in stages.items()},
+        "old_completion_loss": {k: v.get("old_completion_loss") for k, v in stages.items()},
         "old_domain_loss_change": {
             d: last["loss"][d] / before["loss"][d] - 1 for d in before["loss"] if d != task.name
         },
@@ -819,6 +839,7 @@ __all__ = [
     "add_expert",
     "domain_windows",
     "fit_probe",
+    "completion_loss",
     "flops_saved_estimate",
     "load_vertical",
     "run_vertical",

@@ -32,10 +32,12 @@ The tasks
     Warm-up: two two-digit numbers, ``What is 4 7 + 3 8?``. Every prompt is the same number of tokens,
     so one batch samples them all; small enough that RL shows its effect in a CI-sized run.
 ``sub``
-    Two two-digit numbers, the larger first, ``What is 8 5 - 3 7?``, with the column trace of
-    subtraction (``5 - 7 < 0, 15 - 7 = 8, borrow 1. 8 - 1 - 3 = 4.``). The same prompt shape as ``add``,
-    so a model that can add already *reads* these questions; what it lacks is the new rule. It is the
-    vertical of the add-an-expert lesson (``workbench.extend``).
+    Two-digit subtraction without borrowing (every digit of the first number is at least the second's):
+    ``What is 8 7 - 3 5?`` -> ``7 - 5 = 2. 8 - 3 = 5.`` -> ``5 2``. The same prompt shape and trace shape
+    as ``add``, so a model that can add already *reads* these questions; what it lacks is one new rule.
+    It is the vertical of the add-an-expert lesson (``workbench.extend``): new experts alone learn it;
+    subtraction *with* borrowing (``arithmetic``) is a new procedure, which full fine-tuning of the tiny
+    add model learns in about a thousand steps but new experts alone did not.
 ``arithmetic``
     Two- and three-digit addition and subtraction (never negative), with column-by-column traces
     (``7 + 8 = 15, carry 1.`` / ``3 - 8 < 0, 13 - 8 = 5, borrow 1.``).
@@ -177,8 +179,10 @@ def make_add(rng: random.Random) -> Example:
 
 
 def make_sub(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    a, b = max(a, b), min(a, b)
+    """Two-digit subtraction without borrowing: every digit of a is at least b's (``8 7 - 3 5``)."""
+    b1, b0 = rng.randint(1, 9), rng.randint(0, 9)
+    a1, a0 = rng.randint(b1, 9), rng.randint(b0, 9)
+    a, b = 10 * a1 + a0, 10 * b1 + b0
     question = f"What is {spell(a)} - {spell(b)}?"
     return Example("sub", f"{a}-{b}", question, spell(a - b), {"a": a, "b": b, "op": "-"})
 
@@ -432,7 +436,7 @@ TASKS: dict[str, Task] = {
     ),
     "sub": Task(
         name="sub",
-        description="two-digit subtraction, never negative (the vertical of lesson 9, grown onto an add model)",
+        description="two-digit subtraction without borrowing (the vertical of lesson 9, grown onto an add model)",
         make=make_sub,
         prompt=integer_prompt,
         parse_answer=parse_int,
