@@ -226,8 +226,8 @@ def test_vertical_command_grows_trains_and_reports(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["accuracy"]) == {"base", "cold_start", "grpo"} and "trained" in summary
     report = json.loads((out / "report.json").read_text())
-    assert report["added"]["n"] == 2 and report["stages"]["grpo"]["new_expert_share"]
+    assert report["added"]["n"] == 4 and report["stages"]["grpo"]["new_expert_share"]
     grown, added = load_vertical(out / "model")
-    assert grown.config.n_routed_experts == 10 and added.train_tokens
+    assert grown.config.n_routed_experts == 12 and added.train_tokens
     assert main(args) == 2  # the model folder exists: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err

@@ -717,8 +717,8 @@ def run_vertical(
     layers: Sequence[int] | None = None,
     init: str = "copy",
     old_rate: float = 0.05,
-    steps: int = 2000,
-    replay: float = 0.5,
+    steps: int = 3000,
+    replay: float = 0.75,
     lr: float = 3e-3,
     grpo_steps: int = 20,
     seed: int = 0,
@@ -769,7 +769,8 @@ def run_vertical(
     before = vertical_metrics(model, task, dataset, **measure)
     new_ids = domain_windows(dataset, task.name, 16, seed=seed).to(model.device)
     old_ids = old_windows(dataset, task.name, 32, seed=seed).to(model.device)
-    grown, added = add_expert(model, n or model.config.n_group, layers, init, probe_ids=new_ids, seed=seed)
+    n = n or 2 * model.config.n_group  # two per routing group: what lesson 9 found enough for subtraction
+    grown, added = add_expert(model, n, layers, init, probe_ids=new_ids, seed=seed)
     woken = wake_experts(grown, added, new_ids, old_ids, old_rate=old_rate)
     report = train_vertical(grown, added, task, cfg, dataset=dataset, tokenizer=tok, progress=progress)
     stages = {"base": before, "cold_start": vertical_metrics(grown, task, dataset, added, **measure)}
