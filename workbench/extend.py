@@ -15,10 +15,12 @@ Three steps, each a function here:
    most), the **average** of the layer's experts, or **random** (the model's initialisation). Their
    router rows start the same way. Their balancing bias starts *dormant*: lower than any old expert's
    bias by more than the whole range of a sigmoid affinity, so the new experts are never selected and
-   **the grown model computes exactly what the base computed**, token for token. (The test suite checks
-   that the logits are equal.) Layers not chosen still get the slots, since every layer of a config has
-   the same number of experts, but there the new experts are *absent*: bias ``-inf``, never selected,
-   never trained.
+   **the grown model computes exactly what the base computed**, token for token: in float64 the logits
+   are identical (the tests check it). In float32 the router's matrix product has more rows, BLAS may
+   sum in another order, and the two agree to rounding; a token whose k-th and (k+1)-th affinities tie
+   within rounding can then pick the other expert. Layers not chosen still get the slots, since every
+   layer of a config has the same number of experts, but there the new experts are *absent*: bias
+   ``-inf``, never selected, never trained.
 2. ``wake_experts(model, added, new_ids, old_ids, old_rate)`` makes the new experts reachable for the
    new domain. Each new router row becomes a linear classifier of the new domain's tokens: logistic
    regression on the router's inputs x of new-domain against old-domain tokens (``fit_probe``; a router

@@ -81,8 +81,9 @@ class Router(nn.Module):
         self.bias_update_mask: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Affinities (N, E) in float32 for tokens x (N, hidden)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        """Affinities (N, E) in float32 (float64 for a float64 model) for tokens x (N, hidden)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32: routing is decided here
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
