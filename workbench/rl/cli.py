@@ -50,6 +50,33 @@ def _summary(ev: dict[str, Any]) -> str:
     return f"accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f}, length {ev['length']:.1f}"
 
 
+def _held_out_evaluator(args: argparse.Namespace, task, tok):
+    """``ev(model)``: the held-out evaluation every command reports, with the command's sampling flags."""
+    from workbench.rl.rollout import evaluate
+
+    held_out = task.sample(args.eval_problems, seed=args.seed, split="test")
+
+    def ev(model) -> dict[str, Any]:
+        return evaluate(
+            model,
+            task,
+            held_out,
+            tok,
+            n_samples=args.eval_samples,
+            temperature=args.eval_temperature,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+
+    return ev
+
+
+def _print_before_after(out: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    print(f"held-out before: {_summary(before)}")
+    print(f"held-out after:  {_summary(after)}")
+    print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
+
+
 def _load_or_pretrain(args: argparse.Namespace, task, out: Path, what: str = "base"):
     """The model to start from: ``--checkpoint``, or a base pre-trained now (saved to OUT/base)."""
     from workbench.hf import load_hf, save_hf
@@ -159,16 +186,13 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         "config": dataclasses.asdict(cfg),
     }
     _write_report(out, report)
-    print(f"held-out before: {_summary(result.before)}")
-    print(f"held-out after:  {_summary(result.after)}")
-    print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
+    _print_before_after(out, result.before, result.after)
     return 0
 
 
 # ---- sft ----------------------------------------------------------------------------------------
 def cmd_sft(args: argparse.Namespace) -> int:
     from workbench.hf import save_hf
-    from workbench.rl.rollout import evaluate
     from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
     from workbench.rl.tasks import get_task
     from workbench.tokenizer import load_tokenizer
@@ -179,21 +203,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.data == "rejection" and not args.checkpoint:
         raise ValueError("--data rejection samples from a model: give it with --checkpoint")
     model = _load_or_pretrain(args, task, out)
-    held_out = task.sample(args.eval_problems, seed=args.seed, split="test")
-
-    def ev():
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=args.eval_samples,
-            temperature=args.eval_temperature,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-
-    before = ev()
+    ev = _held_out_evaluator(args, task, tok)
+    before = ev(model)
     extra: dict[str, Any] = {}
     if args.data == "traces":
         pairs = cold_start_pairs(task, args.n_examples, seed=args.seed)
@@ -218,7 +229,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
             raise ValueError("no sample passed the verifier; nothing to fine-tune on")
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     sft_train(model, pairs, cfg, tokenizer=tok, out_dir=out, progress=not args.no_progress)
-    after = ev()
+    after = ev(model)
     save_hf(model.cpu(), out / "model")
     _write_report(
         out,
@@ -232,9 +243,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
             "config": dataclasses.asdict(cfg),
         },
     )
-    print(f"held-out before: {_summary(before)}")
-    print(f"held-out after:  {_summary(after)}")
-    print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
+    _print_before_after(out, before, after)
     return 0
 
 
@@ -245,7 +254,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from workbench.hf import load_hf, save_hf
     from workbench.rl.distill import DistillConfig, compare_students, logit_distill, teacher_traces
     from workbench.rl.grpo import GRPOConfig
-    from workbench.rl.rollout import evaluate
     from workbench.rl.sft import SFTConfig, sft_train
     from workbench.rl.tasks import get_task
     from workbench.tokenizer import load_tokenizer
@@ -290,20 +298,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"report: {out / 'report.json'}")
         return 0
 
-    held_out = task.sample(args.eval_problems, seed=args.seed, split="test")
-
-    def ev(model):
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=args.eval_samples,
-            temperature=args.eval_temperature,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-
+    ev = _held_out_evaluator(args, task, tok)
     before = ev(student)
     pairs, stats = teacher_traces(
         teacher, task, args.n_prompts, tokenizer=tok, max_new_tokens=args.max_new_tokens, seed=args.seed
@@ -339,9 +334,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "config": dataclasses.asdict(cfg),
         },
     )
-    print(f"held-out before: {_summary(before)}")
-    print(f"held-out after:  {_summary(after)}")
-    print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
+    _print_before_after(out, before, after)
     return 0
 
 
