@@ -75,7 +75,7 @@ def test_rejection_sampling_keeps_only_verified_samples(monkeypatch):
         return Rollouts(prompts=list(prompts), prompt_index=[0, 0, 1, 1], completions=[tok.encode(t) for t in texts],
                         finished=[True] * 4)  # fmt: skip
 
-    monkeypatch.setattr("workbench.rl.sft.sample_completions", fake_sampler)
+    monkeypatch.setattr("workbench.rl.rollout.sample_completions", fake_sampler)
     pairs, stats = rejection_sample(_small_model(), task, examples, tokenizer=tok, n_samples=2, keep_per_prompt=2)
     # problem 0: the trace twice (kept once) and a format-less answer (rejected); problem 1: a wrong answer
     assert pairs == [(task.prompt(examples[0]), good[0])]

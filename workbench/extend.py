@@ -321,6 +321,12 @@ def _router_inputs(model: Model, ids: torch.Tensor, layers: Sequence[int]) -> di
     return captured
 
 
+def _share_to(router, x: torch.Tensor, experts: torch.Tensor) -> float:
+    """The share of router inputs x (N, hidden) that send at least one routed slot to ``experts``."""
+    topk_idx, _, _ = router(x)  # (N, k)
+    return float(torch.isin(topk_idx, experts).any(dim=-1).float().mean())
+
+
 @torch.no_grad()
 def selection_rate(model: Model, added: AddedExperts, ids: torch.Tensor) -> dict[int, float]:
     """Per live layer: the fraction of tokens of ids (B, T) that send a routed slot to a new expert."""
@@ -328,8 +334,7 @@ def selection_rate(model: Model, added: AddedExperts, ids: torch.Tensor) -> dict
     moes, out = moe_layers(model), {}
     new = torch.tensor(added.new_experts, device=model.device)
     for i in added.layers:
-        topk_idx, _, _ = moes[i].gate(inputs[i])  # (N, k)
-        out[i] = float(torch.isin(topk_idx, new).any(dim=-1).float().mean())
+        out[i] = _share_to(moes[i].gate, inputs[i], new)
     return out
 
 
@@ -406,8 +411,7 @@ def wake_experts(
 
         def share(bias: float, tokens: torch.Tensor, router=router) -> float:
             router.e_score_correction_bias[new] = bias
-            topk_idx, _, _ = router(tokens)
-            return float(torch.isin(topk_idx, new).any(dim=-1).float().mean())
+            return _share_to(router, tokens, new)
 
         lo = float(_finite(router.e_score_correction_bias[old]).min()) - DORMANT_MARGIN  # share 0 here
         hi = float(_finite(router.e_score_correction_bias[old]).max()) + DORMANT_MARGIN  # share 1 here
@@ -552,6 +556,15 @@ def vertical_dataset(task, cfg: VerticalConfig, tokenizer, replay: Sequence | No
     return TokenDataset.from_documents(new_docs + kept, tokenizer, val_fraction=0.1, seed=cfg.seed)
 
 
+def replay_documents(task, n: int = 2000, *, seed: int = 0, think_fraction: float = 0.5) -> list:
+    """Documents like an R1 base's pre-training corpus for ``task`` (``rl.base.base_documents``, drawn with
+    another seed), labelled with the task's name as their domain: the replay of a vertical grown on it."""
+    from workbench.data import Document
+    from workbench.rl.base import base_documents
+
+    return [Document(task.name, d.text) for d in base_documents(task, n, seed=seed, think_fraction=think_fraction)]
+
+
 @dataclass
 class VerticalReport:
     trainable: Trainable
@@ -674,14 +687,13 @@ def vertical_metrics(
     domain's tokens that pick a new expert, per layer, and the load balance (MaxVio over the experts that
     exist) of each grown layer."""
     from workbench.analysis import expert_usage_by_domain, loss_by_domain
-    from workbench.rl.rollout import evaluate
+    from workbench.rl.rollout import held_out_evaluator
     from workbench.tokenizer import load_tokenizer
 
     tok = tokenizer or load_tokenizer()
 
     def greedy(t) -> dict[str, Any]:
-        held_out = t.sample(n_problems, seed=0, split="test")
-        return evaluate(model, t, held_out, tok, n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+        return held_out_evaluator(t, tok, n_problems, max_new_tokens=max_new_tokens)(model)
 
     ev = greedy(task)
     out = {"accuracy": ev["accuracy"], "format": ev["format"], "length": ev["length"]}
@@ -737,9 +749,7 @@ def run_vertical(
         accuracy is the old-domain accuracy. None: the base is a five-domain model such as
         ``data/tiny-model``, and the replay is the generated corpus.
     """
-    from workbench.data import Document
     from workbench.hf import load_hf
-    from workbench.rl.base import base_documents
     from workbench.rl.grpo import GRPOConfig, grpo_train
     from workbench.rl.pipeline import get_scale, make_base
     from workbench.rl.tasks import get_task
@@ -762,10 +772,7 @@ def run_vertical(
     cfg = VerticalConfig(steps=steps, replay_fraction=replay, lr=lr, eval_every=0, seed=seed, device=device)
     docs = None
     if old_task is not None:
-        think = get_scale(scale).think_fraction
-        docs = [
-            Document(old_task.name, d.text) for d in base_documents(old_task, 2000, seed=seed + 7, think_fraction=think)
-        ]
+        docs = replay_documents(old_task, seed=seed + 7, think_fraction=get_scale(scale).think_fraction)
     dataset = vertical_dataset(task, cfg, tok, replay=docs)
     measure = dict(old_task=old_task, tokenizer=tok)
     before = vertical_metrics(model, task, dataset, **measure)
@@ -850,6 +857,7 @@ __all__ = [
     "moe_layers",
     "new_token_ids",
     "old_windows",
+    "replay_documents",
     "save_vertical",
     "selection_rate",
     "train_only_new_experts",

@@ -52,23 +52,17 @@ def _summary(ev: dict[str, Any]) -> str:
 
 def _held_out_evaluator(args: argparse.Namespace, task, tok):
     """``ev(model)``: the held-out evaluation every command reports, with the command's sampling flags."""
-    from workbench.rl.rollout import evaluate
+    from workbench.rl.rollout import held_out_evaluator
 
-    held_out = task.sample(args.eval_problems, seed=args.seed, split="test")
-
-    def ev(model) -> dict[str, Any]:
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=args.eval_samples,
-            temperature=args.eval_temperature,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-
-    return ev
+    return held_out_evaluator(
+        task,
+        tok,
+        args.eval_problems,
+        seed=args.seed,
+        n_samples=args.eval_samples,
+        temperature=args.eval_temperature,
+        max_new_tokens=args.max_new_tokens,
+    )
 
 
 def _print_before_after(out: Path, before: dict[str, Any], after: dict[str, Any]) -> None:

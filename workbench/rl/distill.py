@@ -43,33 +43,22 @@ from tqdm.auto import tqdm
 from workbench.config import ConfigError
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.grpo import GRPOConfig, grpo_train
-from workbench.rl.rollout import evaluate
+from workbench.rl.rollout import held_out_evaluator
 from workbench.rl.sft import Pair, SFTConfig, _batches, rejection_sample, sft_batch, sft_train
 from workbench.rl.tasks import Task
 from workbench.tokenizer import Tokenizer, load_tokenizer
-from workbench.train import TrainConfig, lr_at, make_optimizer, resolve_device
+from workbench.train import lr_at, make_optimizer, resolve_device
 
 
 @dataclass
-class DistillConfig:
-    """Knobs of logit distillation (the schedule is SFT's: warmup, then cosine)."""
+class DistillConfig(SFTConfig):
+    """Knobs of logit distillation: SFT's (warmup, then cosine; batches of pairs) plus the two below."""
 
-    steps: int = 150
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     temperature: float = 1.0  # tau: softens both distributions; the KL is scaled by tau^2
     ce_weight: float = 0.0  # loss = KL + ce_weight * cross-entropy on the teacher's sampled tokens
-    seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.ce_weight < 0:
@@ -139,14 +128,7 @@ def logit_distill(
     torch.manual_seed(cfg.seed)
     student.to(device).train()
     teacher.to(device).eval()
-    sched = TrainConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        min_lr_ratio=cfg.min_lr_ratio,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-    )
+    sched = cfg.schedule()
     optimizer = make_optimizer(student, sched)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -228,19 +210,15 @@ def compare_students(
     the teacher's acceptance statistics, the metrics of each run and the settings.
     """
     tok = tokenizer or load_tokenizer()
-    held_out = task.sample(eval_problems, seed=seed, split="test")
-
-    def ev(model: Model) -> dict[str, Any]:
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=eval_samples,
-            temperature=eval_temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-        )
+    ev = held_out_evaluator(
+        task,
+        tok,
+        eval_problems,
+        seed=seed,
+        n_samples=eval_samples,
+        temperature=eval_temperature,
+        max_new_tokens=max_new_tokens,
+    )
 
     report: dict[str, Any] = {"teacher": ev(teacher), "student_base": ev(student_base)}
     pairs, stats = teacher_traces(teacher, task, n_prompts, tokenizer=tok, max_new_tokens=max_new_tokens, seed=seed)

@@ -85,7 +85,16 @@ from tqdm.auto import tqdm
 from workbench.config import ConfigError
 from workbench.model import Model
 from workbench.rl.rewards import combine
-from workbench.rl.rollout import Rollouts, encode_prompt, evaluate, pad_sequences, sample_completions, score, stop_ids
+from workbench.rl.rollout import (
+    Rollouts,
+    encode_prompt,
+    evaluate,
+    held_out_evaluator,
+    pad_sequences,
+    sample_completions,
+    score,
+    stop_ids,
+)
 from workbench.rl.tasks import Example, Task
 from workbench.tokenizer import Tokenizer, load_tokenizer
 from workbench.train import TrainConfig, make_optimizer, resolve_device
@@ -337,30 +346,20 @@ def grpo_train(
     order_rng = random.Random(cfg.seed)
     order: list[int] = []
 
-    held_out = task.sample(cfg.eval_problems, seed=cfg.eval_seed, split="test")
-
-    def run_eval() -> dict[str, Any]:
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=cfg.eval_samples,
-            temperature=cfg.eval_temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.eval_seed,
-        )
+    run_eval = held_out_evaluator(
+        task,
+        tok,
+        cfg.eval_problems,
+        seed=cfg.eval_seed,
+        n_samples=cfg.eval_samples,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    # the first problems of the same held-out set (``Task.sample`` draws prefix-stable)
+    shown = task.sample(min(cfg.sample_problems, cfg.eval_problems), seed=cfg.eval_seed, split="test")
 
     def greedy_samples() -> list[dict[str, Any]]:
-        ev = evaluate(
-            model,
-            task,
-            held_out[: cfg.sample_problems],
-            tok,
-            temperature=0.0,
-            max_new_tokens=cfg.max_new_tokens,
-            return_samples=True,
-        )
+        ev = evaluate(model, task, shown, tok, temperature=0.0, max_new_tokens=cfg.max_new_tokens, return_samples=True)
         keys = ("question", "completion", "accuracy", "format")
         return [dict(zip(keys, sample)) for sample in ev["samples"]]
 
@@ -369,7 +368,7 @@ def grpo_train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
 
-    before = last_eval = run_eval()
+    before = last_eval = run_eval(model)
     metrics: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     opt_step = 0
@@ -423,7 +422,7 @@ def grpo_train(
         }
         last = step + 1 == cfg.steps
         if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            ev = last_eval = run_eval()
+            ev = last_eval = run_eval(model)
             row.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, float)})
         if cfg.sample_every and (last or (step + 1) % cfg.sample_every == 0):
             row["samples"] = greedy_samples()

@@ -28,7 +28,7 @@ from workbench.model import Model
 from workbench.rl.base import pretrain_base, rl_model_config
 from workbench.rl.distill import compare_students
 from workbench.rl.grpo import GRPOConfig, grpo_train
-from workbench.rl.rollout import evaluate
+from workbench.rl.rollout import held_out_evaluator
 from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
 from workbench.rl.tasks import Task
 from workbench.tokenizer import Tokenizer, load_tokenizer
@@ -105,21 +105,15 @@ def make_base(
 
 
 def _evaluator(task: Task, s: Scale, tok: Tokenizer, seed: int):
-    held_out = task.sample(s.eval_problems, seed=seed, split="test")
-
-    def ev(model: Model) -> dict[str, Any]:
-        return evaluate(
-            model,
-            task,
-            held_out,
-            tok,
-            n_samples=s.eval_samples,
-            temperature=s.eval_temperature,
-            max_new_tokens=s.max_new_tokens,
-            seed=seed,
-        )
-
-    return ev
+    return held_out_evaluator(
+        task,
+        tok,
+        s.eval_problems,
+        seed=seed,
+        n_samples=s.eval_samples,
+        temperature=s.eval_temperature,
+        max_new_tokens=s.max_new_tokens,
+    )
 
 
 def run_r1_zero(

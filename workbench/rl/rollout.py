@@ -18,7 +18,7 @@ mean completion length, and (with several samples per problem) pass@k.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,36 @@ def score(task: Task, examples: Sequence[Example], rollouts: Rollouts, tok: Toke
 
 
 @torch.no_grad()
+def sample_and_score(
+    model: Model,
+    task: Task,
+    examples: Sequence[Example],
+    tok: Tokenizer,
+    n_samples: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> tuple[Rollouts, list[dict[str, float]]]:
+    """``n_samples`` completions of every problem's prompt (a fresh generator seeded with ``seed``), and
+    the task's rewards of each: what evaluation and rejection sampling both start from."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    prompts = [encode_prompt(tok, task.prompt(ex)) for ex in examples]
+    ro = sample_completions(
+        model,
+        prompts,
+        n_samples,
+        max_new_tokens=max_new_tokens,
+        stop=stop_ids(tok),
+        temperature=temperature,
+        top_p=top_p,
+        generator=gen,
+    )
+    return ro, score(task, examples, ro, tok)
+
+
+@torch.no_grad()
 def evaluate(
     model: Model,
     task: Task,
@@ -167,19 +197,17 @@ def evaluate(
     """
     if temperature == 0:
         n_samples = 1
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    prompts = [encode_prompt(tok, task.prompt(ex)) for ex in examples]
-    ro = sample_completions(
+    ro, rewards = sample_and_score(
         model,
-        prompts,
+        task,
+        examples,
+        tok,
         n_samples,
-        max_new_tokens=max_new_tokens,
-        stop=stop_ids(tok),
         temperature=temperature,
         top_p=top_p,
-        generator=gen,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
-    rewards = score(task, examples, ro, tok)
     acc = [r["accuracy"] for r in rewards]
     fmt = [r["format"] for r in rewards]
     solved = defaultdict(float)
@@ -200,3 +228,32 @@ def evaluate(
             for p, text, r in zip(ro.prompt_index, ro.texts, rewards)
         ]
     return result
+
+
+def held_out_evaluator(
+    task: Task,
+    tok: Tokenizer,
+    n_problems: int,
+    *,
+    seed: int = 0,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 64,
+) -> Callable[[Model], dict[str, Any]]:
+    """``ev(model)``: ``evaluate`` on the same ``n_problems`` test-split problems (drawn with ``seed``)
+    with the same sampling (seeded with ``seed``) every time, so that the stages of a run compare."""
+    examples = task.sample(n_problems, seed=seed, split="test")
+
+    def ev(model: Model) -> dict[str, Any]:
+        return evaluate(
+            model,
+            task,
+            examples,
+            tok,
+            n_samples=n_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+
+    return ev

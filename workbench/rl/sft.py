@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
 from workbench.model import IGNORE_INDEX, Model
-from workbench.rl.rollout import encode_prompt, sample_completions, score, stop_ids
+from workbench.rl.rollout import encode_prompt, sample_and_score
 from workbench.rl.tasks import Example, Task
 from workbench.tokenizer import Tokenizer, load_tokenizer
 from workbench.train import TrainConfig, lr_at, make_optimizer, resolve_device
@@ -204,19 +204,17 @@ def rejection_sample(
     statistics: the fraction of samples accepted and the fraction of problems with at least one.
     """
     tok = tokenizer or load_tokenizer()
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    prompts = [encode_prompt(tok, task.prompt(ex)) for ex in examples]
-    ro = sample_completions(
+    ro, rewards = sample_and_score(
         model,
-        prompts,
+        task,
+        examples,
+        tok,
         n_samples,
-        max_new_tokens=max_new_tokens,
-        stop=stop_ids(tok),
         temperature=temperature,
         top_p=top_p,
-        generator=gen,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
-    rewards = score(task, examples, ro, tok)
     kept: dict[int, list[str]] = {}
     accepted = 0
     for p, text, r in zip(ro.prompt_index, ro.texts, rewards):
