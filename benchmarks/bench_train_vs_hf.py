@@ -1,6 +1,6 @@
 """Training throughput of workbench.Model against transformers' DeepseekV3ForCausalLM.
 
-Both models get the same config and the same weights (ours are written with ``workbench.hf.save_hf``
+Both models get the same config and the same weights (ours are written with ``workbench.io.hf.save_hf``
 and read by transformers' ``from_pretrained``), then train for the same number of AdamW steps on the
 same random token batches. Steps alternate between the two models (which one goes first alternates
 too), the first ``--warmup`` steps are not timed, and the script prints tokens per second for both
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import Model, ModelConfig  # noqa: E402
-from workbench.hf import save_hf  # noqa: E402
+from workbench.io.hf import save_hf  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

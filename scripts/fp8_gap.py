@@ -2,7 +2,7 @@
 
 Trains a preset twice on the generated corpus: once as usual (FP32 on CPU, BF16 autocast on CUDA)
 and once with ``ModelConfig.fp8`` (every linear layer and routed expert runs its three GEMMs in FP8,
-E4M3 with 1x128 activation tiles and 128x128 weight blocks; see ``workbench/fp8.py``). Both runs
+E4M3 with 1x128 activation tiles and 128x128 weight blocks; see ``workbench.fp8``). Both runs
 start from the same initial weights and see the same batches. It prints the final training loss
 (the mean main loss of the last ``--tail`` steps, which smooths batch noise) and the validation loss
 of each run, and the relative gap ``(fp8 - baseline) / baseline`` in percent. DeepSeek-V3 reports a

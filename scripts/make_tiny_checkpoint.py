@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from workbench import ModelConfig
-from workbench.hf import save_hf
+from workbench.io.hf import save_hf
 from workbench.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout, wit
     sys.path.insert(0, str(REPO_ROOT))
 
 from workbench.data import generate_corpus  # noqa: E402
-from workbench.tokenizer import (  # noqa: E402
+from workbench.io.tokenizer import (  # noqa: E402
     DEFAULT_TOKENIZER_PATH,
     SHIPPED_N_DOCS,
     SHIPPED_SEED,

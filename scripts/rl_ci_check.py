@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from workbench.hf import load_hf, save_hf
+from workbench.io.hf import load_hf, save_hf
 from workbench.rl.grpo import grpo_train
 from workbench.rl.pipeline import get_scale, make_base
-from workbench.rl.tasks import get_task
+from workbench.tasks import get_task
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from workbench.hf import save_hf
+from workbench.io.hf import save_hf
 from workbench.rl.pipeline import get_scale, make_base, run_distillation, run_r1, run_r1_zero, scale_dict, stage_table
-from workbench.rl.tasks import get_task
+from workbench.tasks import get_task
 
 
 def _dump(out: Path, name: str, rows: list[dict]) -> None:

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 def small_dataset():
     """A small generated corpus tokenized with the shipped tokenizer (shared by the tests)."""
     from workbench.data import TokenDataset, generate_corpus
-    from workbench.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import load_tokenizer
 
     return TokenDataset.from_documents(generate_corpus(600, seed=3), load_tokenizer(), seed=3)
 

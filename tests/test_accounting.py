@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench import Model, ModelConfig
-from workbench.accounting import (
+from workbench.model.accounting import (
     count_params,
     flops_per_token,
     kv_cache_bytes_per_token,

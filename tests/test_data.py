@@ -23,7 +23,7 @@ from workbench.data import (
     generate_corpus,
     load_text_files,
 )
-from workbench.tokenizer import load_tokenizer
+from workbench.io.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

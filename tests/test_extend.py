@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from workbench.config import ConfigError
-from workbench.extend import (
+from workbench.io.hf import load_hf
+from workbench.io.tokenizer import load_tokenizer
+from workbench.tasks import get_task
+from workbench.vertical import (
     INITS,
     AddedExperts,
     VerticalConfig,
@@ -25,9 +28,6 @@ from workbench.extend import (
     vertical_dataset,
     wake_experts,
 )
-from workbench.hf import load_hf
-from workbench.rl.tasks import get_task
-from workbench.tokenizer import load_tokenizer
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-model"
 

@@ -247,15 +247,17 @@ def test_sm90_call_passes_torchs_layout_checks_on_meta(monkeypatch):
     """The cuBLAS path cannot run here, but torch checks scaled_mm's shapes and strides on the meta device
     (as it would on CUDA): route all three GEMMs there, with K / 128 = 3 (not a multiple of 4)."""
     calls = []
-    real = fp8._scaled_mm_nt
+    from workbench.fp8 import linear as fp8_linear_module
+
+    real = fp8_linear_module._scaled_mm_nt
 
     def spy(a_q, a_s, b_q, b_s, b_block):
         out = real(a_q, a_s, b_q, b_s, b_block)
         calls.append((tuple(a_q.shape), tuple(b_q.shape), tuple(b_block), tuple(out.shape)))
         return out
 
-    monkeypatch.setattr(fp8, "scaled_mm_support", lambda device=None: (True, "pretend sm90"))
-    monkeypatch.setattr(fp8, "_scaled_mm_nt", spy)
+    monkeypatch.setattr(fp8_linear_module, "scaled_mm_support", lambda device=None: (True, "pretend sm90"))
+    monkeypatch.setattr(fp8_linear_module, "_scaled_mm_nt", spy)
     layer = FP8Linear(384, 640, device="meta", backend="scaled_mm")
     x = torch.empty(256, 384, device="meta", requires_grad=True)
     layer(x).sum().backward()
@@ -303,7 +305,7 @@ def test_convert_to_fp8_skips_embedding_head_norm_and_router():
 
 def test_convert_to_fp8_on_the_tiny_model_trains():
     from workbench import Model, ModelConfig
-    from workbench.moe import Router
+    from workbench.model.moe import Router
 
     torch.manual_seed(0)
     model = Model(ModelConfig.from_preset("tiny"))

@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from workbench import Model, ModelConfig, fp8
-from workbench.checkpoint import load_tensors, save_tensors
-from workbench.hf import from_hf_state_dict, to_hf_state_dict
+from workbench.io import fp8_layout
+from workbench.io.files import load_tensors, save_tensors
+from workbench.io.hf import from_hf_state_dict, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
@@ -113,7 +114,7 @@ def write_checkpoint(folder: Path, config: ModelConfig, tensors: dict[str, torch
     folder.mkdir(parents=True, exist_ok=True)
     hf = config.to_hf()
     if quantized:
-        hf["quantization_config"] = dict(fp8.FP8_QUANTIZATION_CONFIG)
+        hf["quantization_config"] = dict(fp8_layout.FP8_QUANTIZATION_CONFIG)
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
     save_tensors(folder / "model.safetensors", {k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"})
     return folder
@@ -128,7 +129,7 @@ def logits(model: Model, seed: int = 1) -> torch.Tensor:
 # Our layout -------------------------------------------------------------------------------------
 def test_quantized_state_dict_has_deepseeks_layout():
     sd = hf_state_dict(make_model())
-    q = fp8.quantize_state_dict_fp8(sd)
+    q = fp8_layout.quantize_state_dict_fp8(sd)
     fp8_names = {n for n, t in q.items() if t.dtype == torch.float8_e4m3fn}
     scales = {n for n in q if n.endswith("_scale_inv")}
     assert scales == {f"{n}_scale_inv" for n in fp8_names}
@@ -152,11 +153,11 @@ def test_block_scales_and_codes_match_a_block_by_block_reference():
     # 300 x 200: partial blocks at both edges, scale grid (3, 2)
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
     w[5, 7] = 40.0  # an outlier: only its own block's scale changes
-    q = fp8.quantize_state_dict_fp8({"model.layers.0.mlp.down_proj.weight": w})
+    q = fp8_layout.quantize_state_dict_fp8({"model.layers.0.mlp.down_proj.weight": w})
     ref_q, ref_s = block_reference(w)
     torch.testing.assert_close(q["model.layers.0.mlp.down_proj.weight_scale_inv"], ref_s, rtol=0, atol=0)
     assert torch.equal(q["model.layers.0.mlp.down_proj.weight"].view(torch.uint8), ref_q.view(torch.uint8))
-    back = fp8.dequantize_state_dict_fp8(q)["model.layers.0.mlp.down_proj.weight"]
+    back = fp8_layout.dequantize_state_dict_fp8(q)["model.layers.0.mlp.down_proj.weight"]
     torch.testing.assert_close(back, block_dequant_reference(ref_q, ref_s), rtol=0, atol=0)
     # E4M3 rounds to nearest: at most 2^-4 of a value, plus half a subnormal step of its block's scale
     s_el = ref_s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
@@ -165,14 +166,14 @@ def test_block_scales_and_codes_match_a_block_by_block_reference():
 
 def test_stacked_experts_get_one_scale_grid_per_expert():
     gate_up = torch.randn(4, 256, 128, generator=torch.Generator().manual_seed(1))  # transformers' fused (E, 2I, D)
-    q = fp8.quantize_state_dict_fp8({"model.layers.1.mlp.experts.gate_up_proj": gate_up})
+    q = fp8_layout.quantize_state_dict_fp8({"model.layers.1.mlp.experts.gate_up_proj": gate_up})
     scale = q["model.layers.1.mlp.experts.gate_up_proj_scale_inv"]
     assert scale.shape == (4, 2, 1)
     for e in range(4):
         ref_q, ref_s = block_reference(gate_up[e])
         torch.testing.assert_close(scale[e], ref_s, rtol=0, atol=0)
         assert torch.equal(q["model.layers.1.mlp.experts.gate_up_proj"][e].view(torch.uint8), ref_q.view(torch.uint8))
-    back = fp8.dequantize_state_dict_fp8(q)["model.layers.1.mlp.experts.gate_up_proj"]
+    back = fp8_layout.dequantize_state_dict_fp8(q)["model.layers.1.mlp.experts.gate_up_proj"]
     assert back.shape == gate_up.shape and ((back - gate_up).norm() / gate_up.norm()) < 0.05
 
 
@@ -184,7 +185,7 @@ def test_our_tensors_match_transformers_fp8_modules():
     the fused rows when moe_intermediate_size is a multiple of 128, as in DeepSeek-V3's 2048.)"""
     model = make_model(num_nextn_predict_layers=0, moe_intermediate_size=128)
     hf = model.config.to_hf()
-    hf["quantization_config"] = dict(fp8.FP8_QUANTIZATION_CONFIG)
+    hf["quantization_config"] = dict(fp8_layout.FP8_QUANTIZATION_CONFIG)
     with torch.device("meta"):
         theirs = DeepseekV3ForCausalLM(DeepseekV3Config(**hf))
     qc = FineGrainedFP8Config(**hf["quantization_config"])
@@ -200,7 +201,7 @@ def test_our_tensors_match_transformers_fp8_modules():
         down = [ours.pop(f"{prefix}.{j}.down_proj.weight") for j in range(E)]
         ours[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
         ours[f"{prefix}.down_proj"] = torch.stack(down)
-    our_sd = {n: (t.dtype, tuple(t.shape)) for n, t in fp8.quantize_state_dict_fp8(ours).items()}
+    our_sd = {n: (t.dtype, tuple(t.shape)) for n, t in fp8_layout.quantize_state_dict_fp8(ours).items()}
     assert our_sd == their_sd
 
 
@@ -209,7 +210,7 @@ def test_transformers_config_accepts_our_quantization_config(tmp_path):
     from transformers.quantizers.auto import AutoQuantizationConfig
 
     model = make_model()
-    folder = write_checkpoint(tmp_path / "ckpt", model.config, fp8.quantize_state_dict_fp8(hf_state_dict(model)))
+    folder = write_checkpoint(tmp_path / "ckpt", model.config, fp8_layout.quantize_state_dict_fp8(hf_state_dict(model)))
     config_json = json.loads((folder / "config.json").read_text())
     assert config_json["quantization_config"] == {
         "quant_method": "fp8",
@@ -222,33 +223,33 @@ def test_transformers_config_accepts_our_quantization_config(tmp_path):
         assert isinstance(qc, FineGrainedFP8Config)
         assert qc.quant_method == "fp8" and list(qc.weight_block_size) == [128, 128]
         assert qc.activation_scheme == "dynamic" and qc.scale_fmt == "float"
-    assert fp8.check_quantization_config(config_json["quantization_config"]) == (128, 128)
+    assert fp8_layout.check_quantization_config(config_json["quantization_config"]) == (128, 128)
 
 
 def test_transformers_dequantises_our_tensors_as_we_do():
     w = torch.randn(256, 384, generator=torch.Generator().manual_seed(2))
-    q = fp8.quantize_state_dict_fp8({"x.weight": w})
-    ours = fp8.dequantize_state_dict_fp8(q)["x.weight"]
+    q = fp8_layout.quantize_state_dict_fp8({"x.weight": w})
+    ours = fp8_layout.dequantize_state_dict_fp8(q)["x.weight"]
     theirs = Fp8Dequantize(None)._dequantize_one(q["x.weight"], q["x.weight_scale_inv"], output_dtype=torch.float32)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
     # partial blocks: transformers' backward-pass dequantiser takes the block size explicitly
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
-    q = fp8.quantize_state_dict_fp8({"x.weight": w})
+    q = fp8_layout.quantize_state_dict_fp8({"x.weight": w})
     theirs = _dequantize_fp8_weight(q["x.weight"], q["x.weight_scale_inv"], [128, 128], torch.float32)
-    torch.testing.assert_close(theirs, fp8.dequantize_state_dict_fp8(q)["x.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(theirs, fp8_layout.dequantize_state_dict_fp8(q)["x.weight"], rtol=0, atol=0)
 
 
 def test_transformers_loads_our_fp8_checkpoint(tmp_path):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load any quantized checkpoint")
     model = make_model(num_nextn_predict_layers=0)
-    quantized = fp8.quantize_state_dict_fp8(hf_state_dict(model))
+    quantized = fp8_layout.quantize_state_dict_fp8(hf_state_dict(model))
     folder = write_checkpoint(tmp_path / "ckpt", model.config, quantized)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # no GPU: transformers dequantises on load (FineGrainedFP8HfQuantizer.validate_environment)
         theirs = DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     reference = make_model(num_nextn_predict_layers=0)
-    reference.load_state_dict(from_hf_state_dict(reference.config, fp8.dequantize_state_dict_fp8(quantized)))
+    reference.load_state_dict(from_hf_state_dict(reference.config, fp8_layout.dequantize_state_dict_fp8(quantized)))
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
@@ -263,7 +264,7 @@ def test_transformers_quantiser_output_reads_back():
     for name, shape in (("a.q_b_proj.weight", (256, 384)), ("a.mlp.experts.gate_up_proj", (3, 256, 128))):
         theirs = quantizer._quantize_one(name, torch.randn(*shape, generator=gen))
         assert set(theirs) == {name, f"{name}_scale_inv"}  # the naming we follow
-        ours = fp8.dequantize_state_dict_fp8(theirs)[name]
+        ours = fp8_layout.dequantize_state_dict_fp8(theirs)[name]
         expected = Fp8Dequantize(None)._dequantize_one(
             theirs[name], theirs[f"{name}_scale_inv"], output_dtype=torch.float32
         )
@@ -286,9 +287,9 @@ def test_checkpoint_built_by_hand_in_deepseeks_layout_loads(tmp_path):
     folder = write_checkpoint(tmp_path / "deepseek", model.config, by_hand)
     config_json = json.loads((folder / "config.json").read_text())
     stored = load_tensors(folder / "model.safetensors")
-    assert fp8.is_fp8_checkpoint(config_json, stored)
-    block = fp8.check_quantization_config(config_json["quantization_config"])
-    ours = fp8.dequantize_state_dict_fp8(stored, dtype=torch.float32, block=block)
+    assert fp8_layout.is_fp8_checkpoint(config_json, stored)
+    block = fp8_layout.check_quantization_config(config_json["quantization_config"])
+    ours = fp8_layout.dequantize_state_dict_fp8(stored, dtype=torch.float32, block=block)
     assert set(ours) == set(dequantized)
     for name, t in dequantized.items():
         torch.testing.assert_close(ours[name].float(), t.float(), rtol=0, atol=0)
@@ -305,12 +306,12 @@ def test_round_trip_through_a_file_keeps_the_model_close(tmp_path, small_dataset
     from workbench import load_hf
 
     model = load_hf(Path(__file__).resolve().parents[1] / "data" / "tiny-model")
-    quantized = fp8.quantize_state_dict_fp8(hf_state_dict(model))
+    quantized = fp8_layout.quantize_state_dict_fp8(hf_state_dict(model))
     folder = write_checkpoint(tmp_path / "ckpt", model.config, quantized)
     stored = load_tensors(folder / "model.safetensors")
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn  # safetensors keeps FP8
     back = Model(model.config).eval()
-    back.load_state_dict(from_hf_state_dict(back.config, fp8.dequantize_state_dict_fp8(stored)))
+    back.load_state_dict(from_hf_state_dict(back.config, fp8_layout.dequantize_state_dict_fp8(stored)))
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)) < 0.04, name  # RMS ~2.6%
     batches = [ids for ids, _ in small_dataset.eval_batches(4, 128, 4)]
@@ -322,10 +323,10 @@ def test_round_trip_through_a_file_keeps_the_model_close(tmp_path, small_dataset
 
 
 def test_detection_and_the_note():
-    assert fp8.is_fp8_checkpoint({"quantization_config": dict(fp8.FP8_QUANTIZATION_CONFIG)}, [])
-    assert fp8.is_fp8_checkpoint({}, ["model.layers.0.mlp.up_proj.weight_scale_inv"])
-    assert not fp8.is_fp8_checkpoint({"quantization_config": None}, ["model.norm.weight"])
-    note = fp8.fp8_dequantized_note("ckpt", 12, torch.bfloat16, "cpu")
+    assert fp8_layout.is_fp8_checkpoint({"quantization_config": dict(fp8_layout.FP8_QUANTIZATION_CONFIG)}, [])
+    assert fp8_layout.is_fp8_checkpoint({}, ["model.layers.0.mlp.up_proj.weight_scale_inv"])
+    assert not fp8_layout.is_fp8_checkpoint({"quantization_config": None}, ["model.norm.weight"])
+    note = fp8_layout.fp8_dequantized_note("ckpt", 12, torch.bfloat16, "cpu")
     assert "dequantised to bfloat16" in note and "no FP8 matmul" in note and "12 tensors" in note
 
 
@@ -335,18 +336,20 @@ def test_non_finite_weights_are_refused_by_name(bad):
     w = torch.randn(64, 64)
     w[3, 4] = bad
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: 1 NaN/inf"):
-        fp8.quantize_state_dict_fp8({"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(64)})
+        fp8_layout.quantize_state_dict_fp8(
+            {"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": torch.ones(64)}
+        )
 
 
 def test_bad_fp8_checkpoints_raise_clear_errors():
-    good = fp8.quantize_state_dict_fp8({"a.weight": torch.randn(300, 200), "b.weight": torch.randn(64, 64)})
+    good = fp8_layout.quantize_state_dict_fp8({"a.weight": torch.randn(300, 200), "b.weight": torch.randn(64, 64)})
 
     def problems(**changes) -> str:
         sd = {**good, **changes}
         for name in [n for n, v in changes.items() if v is None]:
             del sd[name]
         with pytest.raises(ValueError) as info:
-            fp8.dequantize_state_dict_fp8(sd)
+            fp8_layout.dequantize_state_dict_fp8(sd)
         return str(info.value)
 
     assert "a.weight_scale_inv: shape (2, 2), but a.weight (300, 200) in blocks of 128x128 needs (3, 2)" in problems(
@@ -368,14 +371,14 @@ def test_bad_fp8_checkpoints_raise_clear_errors():
     nan_code.view(torch.uint8)[0, 0] = 0x7F  # E4M3's NaN encoding
     assert "b.weight: 1 NaN value(s)" in problems(**{"b.weight": nan_code})
     assert "static activation scales are not supported" in problems(**{"b.activation_scale": torch.tensor(1.0)})
-    stacked = fp8.quantize_state_dict_fp8({"e.gate_up_proj": torch.randn(3, 64, 32)})
+    stacked = fp8_layout.quantize_state_dict_fp8({"e.gate_up_proj": torch.randn(3, 64, 32)})
     with pytest.raises(ValueError, match=r"needs \(3, 1, 1\)"):
-        fp8.dequantize_state_dict_fp8({**stacked, "e.gate_up_proj_scale_inv": torch.ones(1, 1)})
+        fp8_layout.dequantize_state_dict_fp8({**stacked, "e.gate_up_proj_scale_inv": torch.ones(1, 1)})
     # all problems at once, each named
     message = problems(**{"a.weight_scale_inv": None, "b.weight_scale_inv": torch.ones(2, 2)})
     assert "2 problem(s)" in message and "a.weight:" in message and "b.weight_scale_inv:" in message
     with pytest.raises(ValueError, match="quantised twice"):
-        fp8.quantize_state_dict_fp8({"x.weight": torch.randn(8, 8), "x.weight_scale_inv": torch.ones(1, 1)})
+        fp8_layout.quantize_state_dict_fp8({"x.weight": torch.randn(8, 8), "x.weight_scale_inv": torch.ones(1, 1)})
 
 
 @pytest.mark.parametrize(
@@ -391,27 +394,27 @@ def test_bad_fp8_checkpoints_raise_clear_errors():
 )
 def test_unsupported_quantization_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        fp8.check_quantization_config({**fp8.FP8_QUANTIZATION_CONFIG, **change})
+        fp8_layout.check_quantization_config({**fp8_layout.FP8_QUANTIZATION_CONFIG, **change})
 
 
-# Through workbench.hf (once save_hf has its fp8 option) -------------------------------------------
+# Through workbench.io.hf (once save_hf has its fp8 option) -------------------------------------------
 def _hf_has_fp8() -> bool:
-    from workbench.hf import save_hf
+    from workbench.io.hf import save_hf
 
     return "fp8" in inspect.signature(save_hf).parameters
 
 
-needs_hf_fp8 = pytest.mark.skipif(not _hf_has_fp8(), reason="workbench.hf.save_hf has no fp8 option yet")
+needs_hf_fp8 = pytest.mark.skipif(not _hf_has_fp8(), reason="workbench.io.hf.save_hf has no fp8 option yet")
 
 
 @needs_hf_fp8
 def test_save_hf_fp8_and_load_hf_dequantises_with_a_note(tmp_path):
-    from workbench.hf import load_hf, save_hf
+    from workbench.io.hf import load_hf, save_hf
 
     model = make_model()
     save_hf(model, tmp_path / "ckpt", dtype=torch.bfloat16, fp8=True)
     config_json = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config_json["quantization_config"] == fp8.FP8_QUANTIZATION_CONFIG
+    assert config_json["quantization_config"] == fp8_layout.FP8_QUANTIZATION_CONFIG
     DeepseekV3Config(**config_json)  # transformers reads it
     stored = load_tensors(tmp_path / "ckpt" / "model.safetensors")
     assert stored["model.layers.0.self_attn.q_a_proj.weight"].dtype == torch.float8_e4m3fn
@@ -422,14 +425,16 @@ def test_save_hf_fp8_and_load_hf_dequantises_with_a_note(tmp_path):
         loaded = load_hf(tmp_path / "ckpt", dtype=torch.float32)
     expected = make_model(seed=3)
     expected.load_state_dict(
-        from_hf_state_dict(expected.config, {n: t.float() for n, t in fp8.dequantize_state_dict_fp8(stored).items()})
+        from_hf_state_dict(
+            expected.config, {n: t.float() for n, t in fp8_layout.dequantize_state_dict_fp8(stored).items()}
+        )
     )
     torch.testing.assert_close(logits(loaded), logits(expected), rtol=0, atol=0)
 
 
 @needs_hf_fp8
 def test_load_hf_reads_a_checkpoint_built_by_hand(tmp_path):
-    from workbench.hf import load_hf
+    from workbench.io.hf import load_hf
 
     model = make_model()
     by_hand, dequantized = {}, {}

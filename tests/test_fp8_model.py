@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import workbench.moe as moe
+import workbench.model.moe as moe
 from workbench import Model, ModelConfig, fp8
 from workbench.config import ConfigError
 from workbench.fp8 import FP8Linear
-from workbench.moe import RoutedExperts, Router
+from workbench.model.moe import RoutedExperts, Router
 
 
 def tiny(fp8_on: bool, seed: int = 0, **changes) -> Model:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench import Model, ModelConfig
-from workbench.generate import generate, sample_next, speculative_generate
+from workbench.model.generate import generate, sample_next, speculative_generate
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from workbench import Model, ModelConfig, load_hf, save_hf
-from workbench import hf as hf_module
-from workbench.checkpoint import CheckpointError
-from workbench.hf import from_hf_state_dict, to_hf_state_dict
+from workbench.io import hf as hf_module
+from workbench.io.files import CheckpointError
+from workbench.io.hf import from_hf_state_dict, to_hf_state_dict
 
 YARN = {
     "type": "yarn",

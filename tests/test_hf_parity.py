@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from workbench import Model, ModelConfig  # noqa: E402
-from workbench.checkpoint import CheckpointError  # noqa: E402
-from workbench.hf import load_hf, save_hf  # noqa: E402
+from workbench.io.files import CheckpointError  # noqa: E402
+from workbench.io.hf import load_hf, save_hf  # noqa: E402
 
 TOL = 1e-4
 SEQ = 24  # longer than YaRN's original context below, so interpolation is exercised

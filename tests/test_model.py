@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench import Model, ModelConfig
-from workbench.moe import RoutedExperts, Router, sequence_balance_loss
+from workbench.model.moe import RoutedExperts, Router, sequence_balance_loss
 
 YARN = {
     "type": "yarn",
@@ -143,7 +143,7 @@ def test_grouped_mm_dispatch_equals_per_expert_loop(monkeypatch):
     x = torch.randn(50, config.hidden_size)
     idx = torch.randint(0, config.n_routed_experts, (50, 2))
     w = torch.rand(50, 2)
-    import workbench.moe as moe
+    import workbench.model.moe as moe
 
     monkeypatch.setattr(moe, "_grouped_mm_ok", lambda x, w: False)  # the per-expert loop
     loop = experts(x, idx, w)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.extend import add_expert, save_vertical
-from workbench.hf import load_hf
-from workbench.prompts import PromptSetError, format_rows, load_prompt_set, run_prompt_set
+from workbench.io.hf import load_hf
+from workbench.serve.prompts import PromptSetError, format_rows, load_prompt_set, run_prompt_set
+from workbench.vertical import add_expert, save_vertical
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "data" / "tiny-model"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.rl.aha import PATTERNS, aha_search, aha_table, patterns_in, steps_of
-from workbench.rl.tasks import Example, get_task, spell
+from workbench.tasks import Example, get_task, spell
 
 TRACE = "<think>7 + 3 = 10, carry 1. 9 + 4 + 1 = 14.</think><answer>1 4 0</answer>"
 

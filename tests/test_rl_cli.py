@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from workbench.rl.cli import add_subcommands
+from workbench.cli.rl import add_subcommands
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from workbench import Model
+from workbench.io.tokenizer import load_tokenizer
 from workbench.rl.base import base_documents, rl_model_config
 from workbench.rl.distill import DistillConfig, distill_kl, logit_distill
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.pipeline import get_scale, make_base
 from workbench.rl.rollout import Rollouts
 from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
-from workbench.rl.tasks import get_task
-from workbench.tokenizer import load_tokenizer
+from workbench.tasks import get_task
 
 
 def _small_model(seed: int = 0) -> Model:

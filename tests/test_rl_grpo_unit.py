@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from workbench import Model, ModelConfig
+from workbench.io.tokenizer import load_tokenizer
 from workbench.model import IGNORE_INDEX
 from workbench.rl.grpo import (
     GRPOConfig,
@@ -21,7 +22,6 @@ from workbench.rl.grpo import (
 )
 from workbench.rl.rollout import Rollouts, pad_sequences
 from workbench.rl.sft import sft_batch
-from workbench.tokenizer import load_tokenizer
 
 
 def test_group_advantages_grpo_scales_by_unbiased_std():
@@ -209,7 +209,7 @@ def test_variants_set_the_papers_switches():
 def test_sample_every_records_greedy_samples_without_changing_the_run():
     from workbench.rl.grpo import grpo_train
     from workbench.rl.rollout import evaluate
-    from workbench.rl.tasks import get_task
+    from workbench.tasks import get_task
 
     task, tok = get_task("add"), load_tokenizer()
     small = dict(

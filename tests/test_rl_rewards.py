@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.rl.rewards import TAGS, accuracy_reward, extract_answer, extract_think, format_reward
-from workbench.rl.tasks import get_task, task_names
+from workbench.tasks import get_task, task_names
+from workbench.tasks.rewards import TAGS, accuracy_reward, extract_answer, extract_think, format_reward
 
 # strings built from the tags and the characters the tasks care about hit the interesting cases far
 # more often than uniform text does

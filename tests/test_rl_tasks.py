@@ -6,8 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from workbench.rl.rewards import extract_answer
-from workbench.rl.tasks import (
+from workbench.tasks import (
     Example,
     get_task,
     parse_expression,
@@ -18,6 +17,7 @@ from workbench.rl.tasks import (
     task_names,
     to_roman,
 )
+from workbench.tasks.rewards import extract_answer
 
 
 @pytest.mark.parametrize("name", task_names())
@@ -83,7 +83,7 @@ def test_countdown_verifier_accepts_any_valid_expression():
     ok = task.is_correct
     assert ok(ex.answer, ex)
     # another correct expression for a hand-made problem
-    from workbench.rl.tasks import Example
+    from workbench.tasks import Example
 
     hand = Example(
         "countdown", "3,7,25->68", "Use 3, 7, 25 to make 68.", "(25 * 3) - 7", {"numbers": [3, 7, 25], "target": 68}

@@ -1,4 +1,4 @@
-"""Tests of workbench.tokenizer: byte-level BPE, special tokens, the shipped tokenizer, save and load."""
+"""Tests of workbench.io.tokenizer: byte-level BPE, special tokens, the shipped tokenizer, save and load."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import workbench.tokenizer as tokenizer_module
+import workbench.io.tokenizer as tokenizer_module
 from workbench.data import generate_corpus
-from workbench.tokenizer import (
+from workbench.io.tokenizer import (
     DEFAULT_TOKENIZER_PATH,
     SPECIAL_TOKENS,
     Tokenizer,

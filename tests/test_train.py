@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench import ModelConfig
-from workbench.checkpoint import CheckpointError
+from workbench.io.files import CheckpointError
 from workbench.train import TrainConfig, lr_at, read_metrics, train
 
 CONFIG = ModelConfig.from_preset("tiny")

@@ -11,7 +11,7 @@ ours and back. On top of the architecture we keep the knobs of training that Dee
 * ``attn_mode``: ``"naive"`` (expand the latent into per-head keys and values, as in training) or
   ``"absorb"`` (fold the up-projections into the query and output, cache only the latent).
 * ``fp8``: run every linear layer's and routed expert's GEMMs in FP8 (E4M3, 1x128 activation tiles,
-  128x128 weight blocks) as DeepSeek-V3 trains, keeping FP32 master weights (see ``fp8.py``).
+  128x128 weight blocks) as DeepSeek-V3 trains, keeping FP32 master weights (see ``workbench.fp8``).
 
 Presets:
 
@@ -309,7 +309,7 @@ class ModelConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        from workbench.checkpoint import atomic_write_text
+        from workbench.atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 

@@ -19,7 +19,7 @@ Read in this order:
 
 ::
 
-    from workbench.rl.tasks import get_task
+    from workbench.tasks import get_task
     from workbench.rl.pipeline import make_base
     from workbench.rl.grpo import GRPOConfig, grpo_train
 
@@ -30,8 +30,8 @@ Read in this order:
 """
 
 from workbench.rl.grpo import GRPOConfig, GRPOResult, grpo_train
-from workbench.rl.rewards import accuracy_reward, extract_answer, format_reward
-from workbench.rl.tasks import Example, Task, get_task, task_names
+from workbench.tasks import Example, Task, get_task, task_names
+from workbench.tasks.rewards import accuracy_reward, extract_answer, format_reward
 
 __all__ = [
     "Example",

@@ -55,7 +55,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from workbench.rl.rewards import ANSWER, TAGS, THINK
+from workbench.tasks.rewards import ANSWER, TAGS, THINK
 
 WORD_PATTERNS: dict[str, str] = {
     "wait": r"\bwait\b",

@@ -31,8 +31,8 @@ from dataclasses import replace
 
 from workbench.config import ModelConfig
 from workbench.data import Document, TokenDataset
-from workbench.rl.tasks import Task
-from workbench.tokenizer import Tokenizer, load_tokenizer
+from workbench.io.tokenizer import Tokenizer, load_tokenizer
+from workbench.tasks import Task
 from workbench.train import TrainConfig, TrainResult, train
 
 

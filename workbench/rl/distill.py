@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
+from workbench.io.tokenizer import Tokenizer, load_tokenizer
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.rollout import held_out_evaluator
 from workbench.rl.sft import Pair, SFTConfig, _batches, rejection_sample, sft_batch, sft_train
-from workbench.rl.tasks import Task
-from workbench.tokenizer import Tokenizer, load_tokenizer
-from workbench.train import lr_at, make_optimizer, resolve_device
+from workbench.tasks import Task
+from workbench.train import lr_at, make_optimizer
+from workbench.util import resolve_device
 
 
 @dataclass

@@ -83,8 +83,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
+from workbench.io.tokenizer import Tokenizer, load_tokenizer
 from workbench.model import Model
-from workbench.rl.rewards import combine
 from workbench.rl.rollout import (
     Rollouts,
     encode_prompt,
@@ -95,9 +95,10 @@ from workbench.rl.rollout import (
     score,
     stop_ids,
 )
-from workbench.rl.tasks import Example, Task
-from workbench.tokenizer import Tokenizer, load_tokenizer
-from workbench.train import TrainConfig, make_optimizer, resolve_device
+from workbench.tasks import Example, Task
+from workbench.tasks.rewards import combine
+from workbench.train import TrainConfig, make_optimizer
+from workbench.util import resolve_device
 
 LOSS_AGGREGATIONS = ("sequence", "token", "constant")
 

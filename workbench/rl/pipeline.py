@@ -24,14 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from workbench.io.tokenizer import Tokenizer, load_tokenizer
 from workbench.model import Model
 from workbench.rl.base import pretrain_base, rl_model_config
 from workbench.rl.distill import compare_students
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.rollout import held_out_evaluator
 from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
-from workbench.rl.tasks import Task
-from workbench.tokenizer import Tokenizer, load_tokenizer
+from workbench.tasks import Task
 from workbench.train import TrainConfig
 
 

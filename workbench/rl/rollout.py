@@ -3,7 +3,7 @@
 Our ``Model`` has no attention padding mask, so a batch can only hold prompts of the *same* length
 (left padding would let real tokens attend to pad tokens and change the result). ``sample_completions``
 therefore groups prompts by token length and samples each group as one batch, every prompt repeated
-``n`` times (GRPO's G samples per prompt). Sampling itself is ``workbench.generate.generate`` (the
+``n`` times (GRPO's G samples per prompt). Sampling itself is ``workbench.model.generate.generate`` (the
 latent KV cache, temperature, top-p), stopped at ``</answer>``.
 
 After sampling, each completion is cut right after its first stop token (``</answer>`` or
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from workbench.generate import generate
+from workbench.io.tokenizer import Tokenizer
 from workbench.model import Model
-from workbench.rl.rewards import ANSWER_END
-from workbench.rl.tasks import Example, Task
-from workbench.tokenizer import Tokenizer
+from workbench.model.generate import generate
+from workbench.tasks import Example, Task
+from workbench.tasks.rewards import ANSWER_END
 
 
 @dataclass

@@ -34,11 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
+from workbench.io.tokenizer import Tokenizer, load_tokenizer
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.rollout import encode_prompt, sample_and_score
-from workbench.rl.tasks import Example, Task
-from workbench.tokenizer import Tokenizer, load_tokenizer
-from workbench.train import TrainConfig, lr_at, make_optimizer, resolve_device
+from workbench.tasks import Example, Task
+from workbench.train import TrainConfig, lr_at, make_optimizer
+from workbench.util import resolve_device
 
 Pair = tuple[str, str]  # (prompt, completion)
 

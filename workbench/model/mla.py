@@ -1,0 +1,200 @@
+"""Multi-head Latent Attention (MLA): attention whose KV cache holds a small latent, not keys and values.
+
+Standard multi-head attention caches, for every token and layer, a key and a value per head:
+``n_heads * (d_k + d_v)`` numbers. For DeepSeek-V3 that would be 128 * (192 + 128) = 40,960 values
+per token per layer. MLA caches 512 + 64 = 576.
+
+How (shapes for one token, ``H`` heads):
+
+1. **Joint KV compression.** ``kv_a_proj_with_mqa`` maps the hidden state ``h`` to a latent
+   ``c_KV`` of width ``kv_lora_rank`` (r) plus one rotary key ``k_pe`` of width ``qk_rope_head_dim``
+   (d_r). ``c_KV`` is RMS-normalised (``kv_a_layernorm``).
+2. **Up-projection.** ``kv_b_proj`` (r -> H * (d_nope + d_v)) expands ``c_KV`` into each head's
+   position-free key part ``k_nope`` and value ``v``.
+3. **Decoupled RoPE.** Rotary position can't pass through the up-projection (it would depend on the
+   position and spoil absorption), so position lives in a separate slice: ``k_pe`` is rotated and
+   *shared by all heads*; each head's query has its own rotated slice ``q_pe``.
+   The key of head i is ``[k_nope_i ; k_pe]``, the query ``[q_nope_i ; q_pe_i]``.
+4. **Query compression.** Queries go through their own low-rank bottleneck (``q_a_proj`` ->
+   RMSNorm -> ``q_b_proj``, width ``q_lora_rank``) to save activation memory in training; with
+   ``q_lora_rank=None`` a plain ``q_proj`` is used (DeepSeek-V2-Lite does this).
+
+Two ways to compute the same thing:
+
+* ``naive``: expand the latent into full per-head keys and values and run ordinary attention.
+  This is what training does. The naive cache keeps the expanded keys and values (as DeepSeek's
+  reference code does), so its size is the MHA size: the point of comparison.
+* ``absorb``: never expand. Because ``q_nope_i . k_nope_i = q_nope_i . (W_UK_i c) =
+  (W_UK_i^T q_nope_i) . c``, the key up-projection can be *absorbed* into the query, and likewise
+  the value up-projection into the output (``o_i = W_UV_i (sum_s p_s c_s)``). Attention then runs
+  directly against the cached latents: it is multi-query attention whose single key is
+  ``[c_KV ; k_pe]`` (width r + d_r) and whose single value is ``c_KV``. The cache holds only
+  ``c_KV`` and ``k_pe``.
+
+Both modes give the same outputs up to float rounding (tested). Simplifications: no dropout, no
+attention bias terms, no padding masks (sequences in a batch share their length).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.model.layers import RMSNorm
+from workbench.model.rope import apply_rope, softmax_scale
+
+# The norms of the compressed query and latent use a fixed eps, not config.rms_norm_eps: so do
+# DeepSeek's reference code and transformers (their RMSNorm default), and checkpoints expect it.
+LATENT_NORM_EPS = 1e-6
+
+
+class KVCache:
+    """What attention keeps between decoding steps, for every layer of one model.
+
+    Per layer (keyed by its index) a dict of tensors whose dim 1 is the sequence:
+    absorb mode: ``c_kv`` (B, S, kv_lora_rank) and ``k_pe`` (B, S, qk_rope_head_dim);
+    naive mode: ``k`` (B, S, H, qk_head_dim) and ``v`` (B, S, H, v_head_dim).
+    ``length`` counts the positions already cached; ``truncate`` rolls back (speculative decoding).
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.length = 0
+
+    def update(self, layer_idx: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Append this step's entries to layer ``layer_idx`` and return everything cached there."""
+        old = self.layers.get(layer_idx)
+        if old is None:
+            merged = dict(new)
+        else:
+            if set(old) != set(new):
+                raise ValueError(
+                    f"cache of layer {layer_idx} holds {sorted(old)} but got {sorted(new)}: "
+                    "do not switch attn_mode in the middle of a generation"
+                )
+            merged = {k: torch.cat([old[k], new[k]], dim=1) for k in new}
+        self.layers[layer_idx] = merged
+        return merged
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.layers = {i: {k: v[:, :length] for k, v in d.items()} for i, d in self.layers.items()}
+        self.length = length
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (all layers, all sequences of the batch)."""
+        return sum(t.numel() * t.element_size() for d in self.layers.values() for t in d.values())
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention: (B, T, hidden) -> (B, T, hidden)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        D, H = config.hidden_size, self.n_heads
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+        self.softmax_scale = softmax_scale(self.qk_head_dim, config.rope_scaling)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mode: str = "naive",
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, r, d_nope, d_rope, d_v = (
+            self.n_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+        )
+        past = cache.length if cache is not None else 0
+
+        # Queries: (B, T, H, d_nope + d_rope), position on the last d_rope dims only
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, self.qk_head_dim)
+        q_nope, q_pe = q.split([d_nope, d_rope], dim=-1)  # (B, T, H, d_nope), (B, T, H, d_rope)
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        # The latent and the shared rotary key: what MLA needs to remember about each token
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, d_rope], dim=-1)  # (B, T, r), (B, T, d_rope)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # (B, T, d_rope)
+
+        if mode == "naive":
+            # Expand the latent into every head's key and value
+            kv = self.kv_b_proj(c_kv).view(B, T, H, d_nope + d_v)
+            k_nope, v = kv.split([d_nope, d_v], dim=-1)  # (B, T, H, d_nope), (B, T, H, d_v)
+            k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, d_rope)], dim=-1)  # (B, T, H, d_qk)
+            if cache is not None:
+                stored = cache.update(self.layer_idx, k=k, v=v)
+                k, v = stored["k"], stored["v"]  # (B, S, H, ...)
+            q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, d_qk)
+            out = _attention(
+                q_full.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, self.softmax_scale
+            )  # (B, H, T, d_v)
+            out = out.transpose(1, 2)  # (B, T, H, d_v)
+        elif mode == "absorb":
+            # Absorb W_UK into the query and W_UV into the output: attention runs on the latent
+            w = self.kv_b_proj.weight.view(H, d_nope + d_v, r)
+            w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]  # (H, d_nope, r), (H, d_v, r)
+            q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
+            if cache is not None:
+                stored = cache.update(self.layer_idx, c_kv=c_kv, k_pe=k_pe)
+                c_kv, k_pe = stored["c_kv"], stored["k_pe"]  # (B, S, r), (B, S, d_rope)
+            # Multi-query attention: one key [c_kv ; k_pe] and one value c_kv shared by all heads
+            q_mqa = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, r + d_rope)
+            k_mqa = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # (B, 1, S, r + d_rope)
+            v_mqa = c_kv[:, None]  # (B, 1, S, r)
+            o_lat = _attention(q_mqa, k_mqa, v_mqa, past, self.softmax_scale)  # (B, H, T, r)
+            out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # (B, T, H, d_v)
+        else:
+            raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
+        return self.o_proj(out.reshape(B, T, H * d_v))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
+    """Causal scaled dot-product attention for queries at positions past..past+T-1 over keys 0..S-1.
+
+    q (B, H, T, d), k (B, Hk, S, d), v (B, Hk, S, dv) with Hk = H or 1 -> (B, H, T, dv).
+    """
+    T, S = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if past == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if T == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    # several new tokens after a cached prefix: query i sees keys 0..past+i
+    allowed = torch.arange(S, device=q.device)[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,221 @@
+"""The DeepSeek-V3-style model: embedding -> decoder blocks (MLA + dense/MoE) -> norm -> head, plus MTP.
+
+Read it top to bottom: ``Model.__init__`` builds the parts, ``Model.forward`` runs them and adds up
+the training objective
+
+    loss = main cross-entropy + lambda * mean(MTP cross-entropies) + alpha * sequence balance loss
+
+and returns every part separately (``ModelOutput``), together with the routing statistics of each
+MoE layer so that lessons can look inside. ``labels`` follow the Hugging Face convention: pass the
+same ids as ``input_ids`` (or -100 where no loss is wanted); the model shifts them itself.
+
+After each optimiser step call ``model.update_expert_bias(output.routing)`` to apply DeepSeek-V3's
+auxiliary-loss-free balancing (see ``workbench.model.moe``); ``workbench.train`` does this for you.
+
+With ``config.fp8`` the linear layers become ``fp8.FP8Linear`` (same parameters, same state-dict
+keys; the embedding, head, norms and routers stay in high precision) and the routed experts run their
+GEMMs through ``fp8.fp8_linear``: the whole model trains on DeepSeek-V3's FP8 path.
+
+Parameter names match Hugging Face's ``DeepseekV3ForCausalLM`` without its ``model.`` prefix, except
+that the routed experts of a layer are stored stacked (``mlp.experts.gate_proj`` of shape
+(E, I, D)) and MTP modules live in ``mtp``; ``workbench.io.hf`` converts both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.fp8 import convert_to_fp8
+from workbench.model.block import Block
+from workbench.model.layers import RMSNorm
+from workbench.model.mla import KVCache
+from workbench.model.moe import RoutedExperts, Router, RoutingStats
+from workbench.model.mtp import MTPModule
+from workbench.model.rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    hidden: torch.Tensor  # (B, T, D) final hidden state before the final norm (what MTP reads)
+    loss: torch.Tensor | None = None  # the training objective
+    main_loss: torch.Tensor | None = None  # next-token cross-entropy
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth
+    mtp_loss: torch.Tensor | None = None  # their mean
+    balance_loss: torch.Tensor | None = None  # mean sequence-wise balance loss over MoE layers
+    routing: list[RoutingStats] = field(default_factory=list)  # main layers, then MTP layers
+
+    def loss_parts(self) -> dict[str, float]:
+        """The loss and its parts as plain floats (for logs)."""
+        parts = {
+            "loss": self.loss,
+            "main_loss": self.main_loss,
+            "mtp_loss": self.mtp_loss,
+            "balance_loss": self.balance_loss,
+        }
+        return {k: float(v.detach()) for k, v in parts.items() if v is not None}
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList([MTPModule(config, d) for d in range(1, config.num_nextn_predict_layers + 1)])
+        cos, sin = rope_tables(
+            config.qk_rope_head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            device=self.embed_tokens.weight.device,
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, d_rope/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if config.fp8:
+            convert_to_fp8(self)  # Linear -> FP8Linear sharing its weight; keeps embedding, head, norms, router
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RoutedExperts):
+                for p in (module.gate_proj, module.up_proj, module.down_proj):
+                    nn.init.normal_(p, 0.0, std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def routers(self) -> list[Router]:
+        """Every router, main layers first, then MTP layers (the order of ``ModelOutput.routing``)."""
+        blocks = [*self.layers, *self.mtp]
+        return [b.mlp.gate for b in blocks if b.is_moe]
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    # ---------------------------------------------------------------------------------------------
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"positions up to {end} exceed max_position_embeddings="
+                f"{self.config.max_position_embeddings}; use shorter inputs or a config with a "
+                "larger max_position_embeddings"
+            )
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        attn_mode: str | None = None,
+        compute_mtp: bool | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput. With labels (B, T) the loss and its parts are computed.
+
+        cache: a ``KVCache`` to read earlier positions from and append these to (generation).
+        attn_mode: "naive" or "absorb" (default: the config's).
+        compute_mtp: run the MTP modules (default: when labels are given).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        mode = attn_mode or self.config.attn_mode
+        past = cache.length if cache is not None else 0
+        cos, sin = self.rope(past, T)
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        routing: list[RoutingStats] = []
+        for block in self.layers:
+            x, stats = block(x, cos, sin, mode=mode, cache=cache)
+            if stats is not None:
+                routing.append(stats)
+        if cache is not None:
+            cache.advance(T)
+        hidden = x  # (B, T, D)
+        logits = self.lm_head(self.norm(hidden))  # (B, T, V)
+        out = ModelOutput(logits=logits, hidden=hidden, routing=routing)
+
+        if compute_mtp is None:
+            compute_mtp = labels is not None
+        mtp_logits: list[torch.Tensor] = []
+        if compute_mtp and len(self.mtp) > 0:
+            h = hidden
+            for module in self.mtp:
+                k = module.depth
+                ahead = F.pad(input_ids[:, k:], (0, k))  # (B, T): token i+k at position i (tail padded)
+                h, stats = module(h, self.embed_tokens(ahead), cos, sin, mode=mode)
+                if stats is not None:
+                    routing.append(stats)
+                mtp_logits.append(self.lm_head(module.shared_head.norm(h)))  # (B, T, V)
+
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            out.main_loss = _shifted_cross_entropy(logits, labels, shift=1)
+            out.mtp_losses = [_shifted_cross_entropy(lg, labels, shift=i + 2) for i, lg in enumerate(mtp_logits)]
+            loss = out.main_loss
+            if out.mtp_losses:
+                out.mtp_loss = torch.stack(out.mtp_losses).mean()
+                loss = loss + self.config.mtp_loss_weight * out.mtp_loss
+            if routing:
+                out.balance_loss = torch.stack([s.balance_loss for s in routing]).mean()
+                loss = loss + self.config.seq_aux_loss_alpha * out.balance_loss
+            out.loss = loss
+        return out
+
+    @torch.no_grad()
+    def update_expert_bias(self, routing: list[RoutingStats] | list[torch.Tensor], gamma: float | None = None) -> None:
+        """Auxiliary-loss-free balancing: nudge every router's bias from the observed expert loads.
+
+        routing: the ``ModelOutput.routing`` of the step (or one counts tensor per router, in the order
+        of ``routers()``, e.g. summed over gradient-accumulation micro-batches).
+        """
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        routers = self.routers()
+        if len(routing) != len(routers):
+            raise ValueError(
+                f"got routing statistics for {len(routing)} MoE layers, the model has {len(routers)} "
+                "(run the MTP modules in the forward, or pass counts for every router)"
+            )
+        for router, item in zip(routers, routing):
+            router.update_bias(item.counts if isinstance(item, RoutingStats) else item, gamma)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """Cross-entropy of logits at position i against labels at position i + shift."""
+    B, T, V = logits.shape
+    target = torch.full_like(labels, IGNORE_INDEX)
+    if shift < T:
+        target[:, : T - shift] = labels[:, shift:]
+    if (target != IGNORE_INDEX).sum() == 0:
+        return logits.sum() * 0.0  # sequences too short for this depth: no signal, keep the graph
+    return F.cross_entropy(logits.float().view(B * T, V), target.view(B * T), ignore_index=IGNORE_INDEX)

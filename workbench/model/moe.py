@@ -1,0 +1,213 @@
+"""DeepSeekMoE: shared experts plus many fine-grained routed experts, balanced without an auxiliary loss.
+
+A MoE layer replaces one big feed-forward network with many small ones (experts). Each token is
+sent to ``num_experts_per_tok`` (k) of the ``n_routed_experts`` (E) routed experts, and always to
+the ``n_shared_experts`` shared experts, which hold knowledge every token needs so the routed experts
+are free to specialise. Only the chosen experts run, which is why DeepSeek-V3 has 671B parameters
+but about 37B active per token.
+
+Routing, as DeepSeek-V3 does it (``Router``):
+
+1. Affinity of token t for expert i: ``s_i = sigmoid(u_t . e_i)`` (V3), or a softmax over experts (V2).
+2. Auxiliary-loss-free balancing adds a per-expert bias ``b_i`` (``e_score_correction_bias``) to the
+   affinities **for choosing experts only**; the gate values that weight the experts' outputs use
+   the unbiased ``s_i``.
+3. Group-limited routing: experts are split into ``n_group`` groups (in V3 one group per node), each
+   group scored by the sum of its two best biased affinities, and a token may only use experts in its
+   best ``topk_group`` groups. This bounds communication in a real cluster.
+4. Top-k inside the allowed groups; gate weights are the chosen ``s_i`` renormalised to sum to one
+   (``norm_topk_prob``) and multiplied by ``routed_scaling_factor``.
+
+Balancing (``Router.update_bias``): after each optimiser step, each expert's bias moves by
+``gamma`` toward balance: ``b_i += gamma * sign(mean_load - load_i)``. Overloaded experts become
+less attractive, idle ones more. No gradient flows through this, so it doesn't fight the language
+modelling loss the way an auxiliary loss does. DeepSeek-V3 keeps a tiny *sequence-wise* balance loss
+(``sequence_balance_loss``, weight alpha) only to avoid extreme imbalance within one sequence.
+
+Dispatch (``RoutedExperts``): the (token, expert) pairs are sorted by expert so that each expert
+multiplies one contiguous slice. ``torch.nn.functional.grouped_mm`` runs all the slices in one call
+(on CUDA in bf16, and on CPU in float32 when the widths are 16-byte aligned); elsewhere a loop over
+*experts* (never tokens) runs one matmul per expert. No token is ever dropped: there is no capacity factor.
+With ``config.fp8`` that loop runs each expert's three GEMMs through ``fp8.fp8_linear`` instead
+(DeepSeek-V3 trains its experts in FP8 too; there is no grouped FP8 kernel here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.fp8 import fp8_linear
+from workbench.model.layers import MLP
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE layer did in one forward pass."""
+
+    layer_idx: int
+    topk_idx: torch.Tensor  # (B, T, k) the chosen routed experts of each token
+    topk_weight: torch.Tensor  # (B, T, k) their gate weights
+    counts: torch.Tensor  # (E,) how many tokens each expert received
+    balance_loss: torch.Tensor  # () the sequence-wise balance loss of this layer
+
+    @property
+    def max_violation(self) -> float:
+        """MaxVio = (max load - mean load) / mean load: 0 when perfectly balanced."""
+        c = self.counts.float()
+        return float((c.max() - c.mean()) / c.mean().clamp_min(1e-9))
+
+
+class Router(nn.Module):
+    """Scores experts and picks the top-k of each token (Hugging Face name: ``mlp.gate``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # the balancing bias: a buffer (saved, never trained by gradient), kept in float32
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # which experts' biases balancing may move (None: all); ``extend.train_only_new_experts`` sets it
+        self.bias_update_mask: torch.Tensor | None = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities (N, E) in float32 (float64 for a float64 model) for tokens x (N, hidden)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32: routing is decided here
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> topk_idx (N, k), topk_weight (N, k), scores (N, E)."""
+        N = x.shape[0]
+        scores = self.scores(x)  # (N, E)
+        choice = scores + self.e_score_correction_bias  # the bias steers selection only
+        if self.n_group > 1:
+            grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): sum of each group's top-2
+            best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(N, -1)
+        topk_idx = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        topk_weight = scores.gather(1, topk_idx)  # (N, k) unbiased affinities
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight * self.routed_scaling_factor, scores
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i)."""
+        load = counts.float().to(self.e_score_correction_bias.device)
+        step = gamma * torch.sign(load.mean() - load)
+        if self.bias_update_mask is not None:
+            step = torch.where(self.bias_update_mask, step, torch.zeros_like(step))
+        self.e_score_correction_bias += step
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, run on their sorted slices of tokens."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts = E
+        self.use_grouped_mm = config.use_grouped_mm
+        self.fp8 = config.fp8
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))  # expert e: Linear(D -> I) weights
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))  # Linear(I -> D)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (N, D), topk_idx / topk_weight (N, k) -> (N, D): sum over k of weight * expert(x)."""
+        N, k = topk_idx.shape
+        flat_expert = topk_idx.reshape(-1)  # (N*k,)
+        order = flat_expert.argsort(stable=True)  # (token, slot) pairs sorted by expert
+        token_of = order // k  # (N*k,) which token each sorted pair belongs to
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
+        xs = x[token_of]  # (N*k, D), expert 0's tokens first, then expert 1's, ...
+
+        if self.use_grouped_mm and not self.fp8 and _grouped_mm_ok(xs, self.gate_proj):
+            offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
+            h = F.silu(F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) * F.grouped_mm(
+                xs, self.up_proj.transpose(1, 2), offs=offs
+            )  # (N*k, I)
+            ys = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N*k, D)
+        else:
+            linear = fp8_linear if self.fp8 else F.linear  # FP8: quantised operands, see workbench.fp8
+            outs = []
+            for e, xe in enumerate(xs.split(counts.tolist())):  # a loop over experts, not tokens
+                if xe.shape[0] == 0:
+                    continue
+                he = F.silu(linear(xe, self.gate_proj[e])) * linear(xe, self.up_proj[e])  # (n_e, I)
+                outs.append(linear(he, self.down_proj[e]))  # (n_e, D)
+            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+
+        ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)  # weight each expert's output
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))  # (N, D) back in token order
+
+
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel can run these experts: bf16 on CUDA; float32 on CPU when the
+    rows are 16-byte aligned (hidden and expert widths multiples of 4), which its CPU kernel requires."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16
+    return (
+        x.dtype == torch.float32 and weight.dtype == torch.float32 and x.shape[1] % 4 == 0 and weight.shape[1] % 4 == 0
+    )
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, averaged over the sequences.
+
+    scores (B, T, E) affinities, topk_idx (B, T, k). Per sequence:
+    f_i = E / (k T) * #tokens choosing i,  P_i = mean_t s_i / sum_j s_j,  L = sum_i f_i P_i
+    (1 when perfectly balanced, up to E / k when every token picks the same experts).
+    """
+    B, T, k = topk_idx.shape
+    chosen = torch.zeros(B, T, n_experts, device=scores.device).scatter_(2, topk_idx, 1.0)
+    f = chosen.sum(dim=1) * n_experts / (k * T)  # (B, E)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    return (f * p).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts: (B, T, hidden) -> (B, T, hidden), plus routing statistics."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        topk_idx, topk_weight, scores = self.gate(flat)  # (N, k), (N, k), (N, E)
+        y = self.experts(flat, topk_idx, topk_weight).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        k = topk_idx.shape[1]
+        stats = RoutingStats(
+            layer_idx=self.layer_idx,
+            topk_idx=topk_idx.view(B, T, k),
+            topk_weight=topk_weight.view(B, T, k),
+            counts=torch.bincount(topk_idx.reshape(-1), minlength=self.gate.n_experts),
+            balance_loss=sequence_balance_loss(scores.view(B, T, -1), topk_idx.view(B, T, k), self.gate.n_experts),
+        )
+        return y, stats
