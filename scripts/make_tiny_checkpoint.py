@@ -1,4 +1,5 @@
-"""Regenerate data/tiny-model: the `tiny` preset trained on the generated corpus (a few MB, Hugging Face layout).
+"""Regenerate data/tiny-model: the `tiny` preset trained on the generated corpus (a few MB, Hugging Face layout,
+with its tokenizer).
 
     python scripts/make_tiny_checkpoint.py            # same as `make tiny-checkpoint`
 

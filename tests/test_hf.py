@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +352,43 @@ def test_failure_during_save_keeps_the_old_checkpoint(saved, tmp_path, monkeypat
         save_hf(_model(seed=1), tmp_path / "new", max_shard_bytes=100_000)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no new folder, no temporary folder
     assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+
+
+# ---- a checkpoint carries its tokenizer ---------------------------------------------------------
+def test_checkpoint_carries_its_own_tokenizer(tmp_path):
+    from workbench.data import generate_corpus
+    from workbench.io.tokenizer import load_tokenizer, tokenizer_of, train_tokenizer
+
+    own = train_tokenizer((d.text for d in generate_corpus(200, seed=5)), vocab_size=400)
+    shipped = load_tokenizer()
+    text = "Assistant: the river city had 17 lamps"
+    assert own.encode(text) != shipped.encode(text)
+    model = Model(ModelConfig.from_preset("tiny", vocab_size=512))
+    model.tokenizer = own
+    save_hf(model, tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").is_file() and (tmp_path / "m" / "tokenizer_config.json").is_file()
+    loaded = load_hf(tmp_path / "m")
+    assert tokenizer_of(loaded).encode(text) == own.encode(text)  # its own, never the shipped one
+    assert tokenizer_of(Model(ModelConfig.from_preset("tiny"))).encode(text) == shipped.encode(text)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    from workbench.io.tokenizer import load_tokenizer, tokenizer_of
+
+    model = Model(ModelConfig.from_preset("tiny", vocab_size=300))
+    with pytest.raises(ValueError, match="vocab_size is 300"):
+        save_hf(model, tmp_path / "m", tokenizer=load_tokenizer())
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="2048 ids"):
+        tokenizer_of(model)
+
+
+def test_shipped_model_tokenizer_reads_in_transformers(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    model = load_hf(Path(__file__).resolve().parent.parent / "data" / "tiny-model")
+    assert model.tokenizer is not None
+    theirs = PreTrainedTokenizerFast.from_pretrained(Path(__file__).resolve().parent.parent / "data" / "tiny-model")
+    text = "User: What is 4 7 + 3 8?\nAssistant:<think>"
+    assert theirs.encode(text) == model.tokenizer.encode(text)
+    assert theirs.bos_token_id == model.tokenizer.bos_id and theirs.pad_token_id == model.tokenizer.pad_id

@@ -59,6 +59,7 @@ class TokenDataset:
         self.token_domains = token_domains
         self.domains = domains
         self.n_docs = n_docs
+        self.tokenizer: Tokenizer | None = None  # set by from_documents
         # per split and domain: the tokens of only that domain's documents, in order (for domain_batch)
         self._domain_tokens = {
             split: {name: tokens[split][token_domains[split] == i] for i, name in enumerate(domains)}
@@ -107,7 +108,9 @@ class TokenDataset:
             tokens[split] = torch.tensor(flat, dtype=torch.long)  # (N,)
             token_domains[split] = torch.repeat_interleave(doc_domains, torch.tensor(lengths, dtype=torch.long))
             n_docs[split] = len(chosen)
-        return cls(tokens, token_domains, domains, n_docs)
+        dataset = cls(tokens, token_domains, domains, n_docs)
+        dataset.tokenizer = tokenizer  # the ids' meaning: trainers hand it to the model they train
+        return dataset
 
     def n_tokens(self, split: str) -> int:
         """Number of tokens in a split's stream."""

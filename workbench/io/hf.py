@@ -77,6 +77,7 @@ from workbench.io.fp8_layout import (
     fp8_dequantized_note,
     quantize_state_dict_fp8,
 )
+from workbench.io.tokenizer import Tokenizer, load_tokenizer_files, save_tokenizer_files
 from workbench.model import Model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -233,6 +234,7 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = True,
     fp8: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder that transformers and ``load_hf`` read.
 
@@ -241,7 +243,9 @@ def save_hf(
     The folder is written atomically: on any failure nothing at ``path`` changes.
     fp8: write DeepSeek's FP8 layout: linear weights in float8_e4m3fn with a float32 ``<name>_scale_inv``
         per 128x128 block, quantised from the model's own weights (the embedding, head, norms and router
-        stay in ``dtype``), and ``quantization_config`` in config.json (see ``workbench.fp8``).
+        stay in ``dtype``), and ``quantization_config`` in config.json (see ``workbench.io.fp8_layout``).
+    tokenizer: written next to the weights (``tokenizer.json``, ``tokenizer_config.json``); default: the
+        one the model carries (``model.tokenizer``), if any.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -263,8 +267,16 @@ def save_hf(
 
     shards = _plan_shards(tensors, max_shard_bytes)
 
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}"
+        )
+
     def fill(folder: Path) -> None:
         atomic_write_json(folder / CONFIG_NAME, config)
+        if tokenizer is not None:
+            save_tokenizer_files(tokenizer, folder, model.config.max_position_embeddings)
         metadata = {"format": "pt"}
         if len(shards) == 1:
             save_tensors(folder / WEIGHTS_NAME, shards[0], metadata=metadata)
@@ -423,6 +435,10 @@ def load_hf(
     result = model.load_state_dict(ours, strict=False)
     if result.unexpected_keys:  # cannot happen after the checks above; guard against future drift
         raise CheckpointError(f"internal error: tensors {result.unexpected_keys} have no place in the model")
+    try:
+        model.tokenizer = load_tokenizer_files(folder)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: {e}") from e
     return model.eval()
 
 

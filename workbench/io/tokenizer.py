@@ -26,17 +26,26 @@ lessons. Each is one id (ids 0 to 6 in a tokenizer trained here), and none is ev
 
 The shipped tokenizer (``data/tokenizer.json``) has 2048 ids and was trained on
 ``generate_corpus(4000, seed=1234)``; ``scripts/make_tokenizer.py`` rebuilds it byte for byte.
+
+A checkpoint carries its tokenizer
+----------------------------------
+Token ids mean nothing without the tokenizer that made them, so a model folder holds its tokenizer next
+to the weights: ``tokenizer.json`` and ``tokenizer_config.json`` (the special tokens, in the form
+transformers' ``PreTrainedTokenizerFast`` reads). ``save_hf`` writes them and ``load_hf`` reads them
+into ``model.tokenizer``; training sets ``model.tokenizer`` to the tokenizer of its data.
+``tokenizer_of(model)`` is the one rule every caller uses: the tokenizer passed in, else the model's
+own, else (only for a model that came without one, e.g. built from a config) the shipped tokenizer.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from workbench.atomic import atomic_write_bytes, atomic_write_json
 from workbench.util import SHIPPED_DATA
 
 BOS = "<|bos|>"
@@ -130,18 +139,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as JSON, atomically (a temporary file in the same folder, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(self.inner.to_str(pretty=True).encode("utf-8"))
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(Path(path), self.inner.to_str(pretty=True).encode("utf-8") + b"\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -186,6 +184,53 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
     )
     inner.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(inner)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens) into a model folder."""
+    folder = Path(folder)
+    tokenizer.save(folder / TOKENIZER_FILE)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "additional_special_tokens": [THINK, THINK_END, ANSWER, ANSWER_END],
+        "clean_up_tokenization_spaces": False,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    atomic_write_json(folder / TOKENIZER_CONFIG_FILE, config)
+
+
+def load_tokenizer_files(folder: str | Path) -> Tokenizer | None:
+    """The tokenizer a model folder carries (``tokenizer.json``), or None when it has none."""
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a regular file; a model folder's tokenizer.json must be a file")
+    return Tokenizer.load(path)
+
+
+def tokenizer_of(model, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer to use with ``model``: ``tokenizer`` if given, else the one the model carries
+    (``model.tokenizer``, set by ``load_hf`` and by training), else the shipped one. Refuses a tokenizer
+    with more ids than the model's vocabulary."""
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        tok = load_tokenizer()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and tok.vocab_size > vocab:
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is {vocab}; use the tokenizer the "
+            "model was trained with (a model folder carries it as tokenizer.json)"
+        )
+    return tok
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:

@@ -68,6 +68,9 @@ class Model(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # the tokenizer whose ids this model reads (a workbench.io.tokenizer.Tokenizer, or None): set by
+        # load_hf from the checkpoint folder and by training from its data; the model itself never uses it
+        self.tokenizer = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
-from workbench.io.tokenizer import Tokenizer, load_tokenizer
+from workbench.io.tokenizer import Tokenizer, tokenizer_of
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.rollout import held_out_evaluator
@@ -119,7 +119,7 @@ def logit_distill(
     if not pairs:
         raise ValueError("no (prompt, completion) pairs to distil on")
     cfg = cfg or DistillConfig()
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(student, tokenizer)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(
             f"logit distillation needs one vocabulary: student has {student.config.vocab_size} ids, "
@@ -210,7 +210,7 @@ def compare_students(
     Returns ``{"teacher", "student_base", "sequence_distill", "logit_distill", "rl_only"}`` evaluations,
     the teacher's acceptance statistics, the metrics of each run and the settings.
     """
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(teacher, tokenizer)
     ev = held_out_evaluator(
         task,
         tok,

@@ -83,7 +83,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
-from workbench.io.tokenizer import Tokenizer, load_tokenizer
+from workbench.io.tokenizer import Tokenizer, tokenizer_of
 from workbench.model import Model
 from workbench.rl.rollout import (
     Rollouts,
@@ -330,7 +330,7 @@ def grpo_train(
     train_examples: the prompts to train on (default: ``pool_size`` train-split problems).
     """
     cfg = cfg or GRPOConfig()
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
-from workbench.io.tokenizer import Tokenizer, load_tokenizer
+from workbench.io.tokenizer import Tokenizer, tokenizer_of
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.rollout import encode_prompt, sample_and_score
 from workbench.tasks import Example, Task
@@ -138,7 +138,7 @@ def sft_train(
     if not pairs:
         raise ValueError("no (prompt, completion) pairs to fine-tune on")
     cfg = cfg or SFTConfig()
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -204,7 +204,7 @@ def rejection_sample(
     code blocks). Duplicates of one problem are kept once. Returns the (prompt, completion) pairs and
     statistics: the fraction of samples accepted and the fraction of problems with at least one.
     """
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     ro, rewards = sample_and_score(
         model,
         task,

@@ -220,10 +220,10 @@ def run_prompt_set(
     """
     import torch
 
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.rollout import decode_completion, encode_prompt, sample_completions, stop_ids
 
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     d = prompt_set.defaults
     settings = {
         "max_new_tokens": max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens", 64),

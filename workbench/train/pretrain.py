@@ -174,6 +174,8 @@ def train(
     if model is None:
         model = Model(model_config)
     model.to(device).train()
+    if getattr(dataset, "tokenizer", None) is not None:
+        model.tokenizer = dataset.tokenizer
     optimizer = make_optimizer(model, tc)
     sampler = torch.Generator().manual_seed(tc.seed)
     start_step = 0

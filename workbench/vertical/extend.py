@@ -608,11 +608,11 @@ def train_vertical(
 ) -> VerticalReport:
     """Teach the new experts the new domain (in place): LM training with ``workbench.train.train`` on
     the new domain's worked problems mixed with replay of the base corpus, everything else frozen."""
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.train import TrainConfig, train
 
     cfg = cfg or VerticalConfig()
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     dataset = dataset if dataset is not None else vertical_dataset(task, cfg, tok)
     tokens: list[int] = []
     if cfg.train_new_tokens:
@@ -656,10 +656,10 @@ def train_vertical(
 def completion_loss(model: Model, task, n_problems: int = 64, *, tokenizer=None, split: str = "test") -> float:
     """Mean next-token loss of a task's worked completions (trace and answer) given their prompts, on
     held-out problems: what the model knows of the task, without the loss of guessing the question."""
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.sft import sft_batch
 
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
     pairs = [(task.prompt(ex), task.trace(ex)) for ex in task.sample(n_problems, seed=0, split=split)]
     ids, labels = sft_batch(tok, pairs)
     was = model.training
@@ -686,11 +686,11 @@ def vertical_metrics(
     the old task's (with ``old_task``), validation loss per domain; with ``added`` also the share of each
     domain's tokens that pick a new expert, per layer, and the load balance (MaxVio over the experts that
     exist) of each grown layer."""
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.rollout import held_out_evaluator
     from workbench.train.measure import expert_usage_by_domain, loss_by_domain
 
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer_of(model, tokenizer)
 
     def greedy(t) -> dict[str, Any]:
         return held_out_evaluator(t, tok, n_problems, max_new_tokens=max_new_tokens)(model)
