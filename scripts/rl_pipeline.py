@@ -47,14 +47,14 @@ def main() -> None:
     t = time.perf_counter()
     base = make_base(task, scale, seed=args.seed)
     report["seconds"]["base"] = time.perf_counter() - t
-    save_hf(base, out / "base")
+    save_hf(base, out / "base", overwrite=True)
 
     if "r1_zero" not in args.skip:
         z = run_r1_zero(task, base, scale, seed=args.seed)
         report["r1_zero"] = {"stages": z["stages"]}
         report["seconds"]["r1_zero"] = z["seconds"]
         _dump(out, "r1_zero_grpo", z["metrics"]["grpo"])
-        save_hf(z["model"], out / "r1_zero_model")
+        save_hf(z["model"], out / "r1_zero_model", overwrite=True)
         print("R1-Zero\n" + stage_table(z["stages"]), flush=True)
         save()
 
@@ -65,7 +65,7 @@ def main() -> None:
         report["seconds"]["r1"] = r["seconds"]
         for name, rows in r["metrics"].items():
             _dump(out, f"r1_{name}", rows)
-        save_hf(r["model"], out / "r1_model")
+        save_hf(r["model"], out / "r1_model", overwrite=True)
         teacher = r["model"]
         print("R1\n" + stage_table(r["stages"]), flush=True)
         save()

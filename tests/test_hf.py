@@ -347,7 +347,7 @@ def test_failure_during_save_keeps_the_old_checkpoint(saved, tmp_path, monkeypat
     original = hf_module.save_tensors
     monkeypatch.setattr(hf_module, "save_tensors", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_hf(_model(seed=1), target, max_shard_bytes=100_000)
+        save_hf(_model(seed=1), target, max_shard_bytes=100_000, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
         save_hf(_model(seed=1), tmp_path / "new", max_shard_bytes=100_000)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no new folder, no temporary folder

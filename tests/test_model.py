@@ -268,3 +268,63 @@ def test_update_expert_bias_checks_the_number_of_layers():
     before = [r.e_score_correction_bias.clone() for r in model.routers()]
     model.update_expert_bias(out.routing, gamma=0.1)
     assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(before, model.routers()))
+
+
+# ---- growing a MoE: the model's own seam ---------------------------------------------------------
+def test_grow_experts_is_exact_dormant_and_recorded_in_the_config():
+    base = _model(CONFIGS["tiny"]).double()
+    grown = _model(CONFIGS["tiny"]).double()
+    grown.load_state_dict(base.state_dict())
+    E, G = base.config.n_routed_experts, base.config.n_group
+    moe_idx = [b.mlp.layer_idx for b in [*base.layers, *base.mtp] if b.is_moe]
+    live = moe_idx[:1]
+    layout = grown.grow_experts(G, live, init="random", generator=torch.Generator().manual_seed(0))
+    assert grown.config.n_routed_experts == E + G and base.config.n_routed_experts == E  # a new config
+    assert grown.config.inactive_experts == {i: layout.new for i in moe_idx if i not in live}
+    ids = torch.randint(0, 2048, (2, 16))
+    a, b = base(ids, labels=ids), grown(ids, labels=ids)
+    assert torch.equal(a.logits, b.logits)  # dormant and inactive experts change nothing
+    for sa, sb in zip(a.routing, b.routing):
+        assert torch.equal(torch.tensor(layout.old_to_new)[sa.topk_idx], sb.topk_idx)
+    # an inactive expert is never chosen whatever its bias; a dormant one is, once its bias is raised
+    for router in grown.routers():
+        router.e_score_correction_bias[layout.new] = 100.0
+    chosen = grown(ids).routing
+    for i, stats in zip(moe_idx, chosen):
+        picked_new = torch.isin(stats.topk_idx, torch.tensor(layout.new)).any()
+        assert bool(picked_new) == (i in live)
+
+
+def test_balancing_moves_only_active_experts_in_the_mask():
+    model = _model(CONFIGS["tiny"])
+    model.grow_experts(model.config.n_group, live_layers=[])  # every new slot inactive
+    router = model.routers()[0]
+    active = router.active.clone()
+    before = router.e_score_correction_bias.clone()
+    counts = torch.arange(router.n_experts, dtype=torch.float32)  # skewed load
+    mask = torch.zeros(router.n_experts, dtype=torch.bool)
+    mask[0] = True
+    router.update_bias(counts, 0.1, mask=mask)
+    moved = router.e_score_correction_bias != before
+    assert moved.tolist() == mask.tolist()  # only expert 0 moved
+    router.update_bias(counts, 0.1)
+    moved = router.e_score_correction_bias != before
+    assert not moved[~active].any() and moved[active].any()  # inactive experts never move
+
+
+def test_a_grown_model_saves_and_loads_with_its_inactive_experts(tmp_path):
+    from safetensors.torch import load_file
+
+    from workbench import load_hf, save_hf
+
+    model = _model(CONFIGS["tiny"])
+    layout = model.grow_experts(model.config.n_group, live_layers=[1])
+    save_hf(model, tmp_path / "m")
+    back = load_hf(tmp_path / "m")
+    assert back.config == model.config
+    for a, b in zip(model.routers(), back.routers()):
+        assert torch.equal(a.active, b.active)
+    bias = load_file(str(tmp_path / "m" / "model.safetensors"))["model.layers.2.mlp.gate.e_score_correction_bias"]
+    assert torch.isinf(bias[layout.new]).all()  # other readers (transformers) never route there either
+    ids = torch.randint(0, 2048, (1, 12))
+    assert torch.equal(model.eval()(ids).logits, back(ids).logits)

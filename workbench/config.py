@@ -83,11 +83,25 @@ class ModelConfig:
     attn_mode: str = "naive"  # "naive" or "absorb"
     use_grouped_mm: bool = True  # one grouped_mm call for all experts where the kernel runs (CUDA bf16, CPU fp32)
     fp8: bool = False  # FP8 GEMMs in every Linear (not embedding, head, norms, router) and routed expert
+    # experts that exist in a layer's tensors but are never routed to, by MoE layer index (a grown model's
+    # layers that did not get live new experts; see ``Model.grow_experts``); None: every expert is active
+    inactive_experts: dict[int, list[int]] | None = None
 
     # ---------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
+        if self.inactive_experts is not None:  # JSON keys are strings: normalise to {layer: sorted ids}
+            if not isinstance(self.inactive_experts, dict):
+                raise ConfigError(f"inactive_experts must map MoE layer -> expert ids, got {self.inactive_experts!r}")
+            try:
+                self.inactive_experts = {
+                    int(k): sorted({int(j) for j in v}) for k, v in self.inactive_experts.items() if v
+                } or None
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"inactive_experts must map MoE layer -> list of expert ids, got {self.inactive_experts!r}"
+                ) from None
         self.validate()
 
     # Derived sizes -------------------------------------------------------------------------------
@@ -209,6 +223,18 @@ class ModelConfig:
             f"attn_mode must be 'naive' or 'absorb', got {self.attn_mode!r}",
         )
         need(isinstance(self.fp8, bool), f"fp8 must be True or False, got {self.fp8!r}")
+        for layer, ids in (self.inactive_experts or {}).items():
+            moe_layer = self.is_moe_layer(layer) and layer < self.num_hidden_layers + self.num_nextn_predict_layers
+            need(moe_layer, f"inactive_experts names layer {layer}, which is not a MoE layer of this config")
+            need(
+                all(0 <= j < self.n_routed_experts for j in ids),
+                f"inactive_experts of layer {layer} holds ids outside 0..{self.n_routed_experts - 1}: {ids}",
+            )
+            need(
+                self.n_routed_experts - len(ids) >= self.num_experts_per_tok,
+                f"layer {layer} keeps {self.n_routed_experts - len(ids)} active experts, fewer than "
+                f"num_experts_per_tok={self.num_experts_per_tok}",
+            )
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("type", rs.get("rope_type"))
@@ -321,6 +347,7 @@ _TRAINING_KNOBS = (
     "attn_mode",
     "use_grouped_mm",
     "fp8",
+    "inactive_experts",
 )
 
 

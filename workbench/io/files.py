@@ -8,9 +8,12 @@ leaves either the old checkpoint or the new one, never a mixture. Tensors are st
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,17 +29,66 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not fit the model; the message says which."""
 
 
-def write_folder_atomically(path: str | Path, fill: Callable[[Path], None], overwrite: bool = True) -> Path:
+# The files a model folder may hold (ours, transformers' and DeepSeek's): a folder with anything else in it
+# belongs to someone, and is never replaced.
+MODEL_FOLDER_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|vertical\.json|delta\.json"
+    r"|delta\.safetensors|README\.md|\.gitattributes)$"
+)
+
+
+def check_output_folder(
+    path: str | Path, *, overwrite: bool, protect: tuple[str | Path, ...] = (), allowed: re.Pattern | None = None
+) -> None:
+    """Refuse, before anything is written, an output folder whose replacement could lose someone's files.
+
+    A path that contains (or is) one of ``protect`` (e.g. the training run being exported) is refused; so
+    is a non-empty folder holding a file that ``allowed`` does not match (default: anything non-empty is
+    ours only with ``overwrite``); an existing non-empty folder needs ``overwrite``.
+    """
+    target = Path(path).resolve()
+    for guarded in protect:
+        g = Path(guarded).resolve()
+        if g == target or target in g.parents:
+            raise CheckpointError(
+                f"{path} holds the run {guarded}; writing there would replace it. Choose another folder"
+            )
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder; choose another output path")
+    entries = sorted(e.name for e in target.iterdir())
+    if not entries:
+        return
+    if allowed is not None:
+        foreign = [name for name in entries if not allowed.match(name)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise CheckpointError(
+                f"{path} is not empty and is not a model folder (it holds {shown}); nothing was written. "
+                "Choose an empty or new folder"
+            )
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another path")
+
+
+def write_folder_atomically(
+    path: str | Path,
+    fill: Callable[[Path], None],
+    overwrite: bool = False,
+    *,
+    protect: tuple[str | Path, ...] = (),
+    allowed: re.Pattern | None = None,
+) -> Path:
     """Create folder ``path`` by calling ``fill(tmp_folder)`` and renaming the result into place.
 
     If ``fill`` raises, nothing at ``path`` changes. An existing folder is replaced only when
-    ``overwrite`` is true (the old one is removed after the new one is in place).
+    ``overwrite`` is true and ``check_output_folder`` allows it; the swap is one atomic exchange of the
+    two folders where the system has it (Linux renameat2), so no moment exists without one of them.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder; choose another output path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path")
+    check_output_folder(path, overwrite=overwrite, protect=protect, allowed=allowed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
@@ -46,18 +98,35 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None], over
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, path):  # tmp now holds the old folder
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # no atomic exchange here: two renames (a kill between them leaves the old one at .old-*)
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -105,7 +174,9 @@ def read_json(path: str | Path) -> Any:
 
 
 __all__ = [
+    "MODEL_FOLDER_FILES",
     "CheckpointError",
+    "check_output_folder",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",

@@ -61,8 +61,10 @@ from safetensors import safe_open
 
 from workbench.config import ConfigError, ModelConfig
 from workbench.io.files import (
+    MODEL_FOLDER_FILES,
     CheckpointError,
     atomic_write_json,
+    check_output_folder,
     load_tensors,
     read_json,
     save_tensors,
@@ -138,6 +140,11 @@ def to_hf_state_dict(model: Model) -> dict[str, torch.Tensor]:
     """
     config = model.config
     sd = model.state_dict()
+    for name, module in model.named_modules():  # an inactive expert's bias is -inf in the file, so that
+        active = getattr(module, "active", None)  # transformers and DeepSeek's code never route to it either
+        if isinstance(active, torch.Tensor) and not bool(active.all()):
+            key = f"{name}.{_BIAS}"
+            sd[key] = sd[key].masked_fill(~active.to(sd[key].device), float("-inf"))
     out: dict[str, torch.Tensor] = {}
     for name, tensor in sd.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -232,21 +239,26 @@ def save_hf(
     path: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
+    overwrite: bool = False,
     fp8: bool = False,
     tokenizer: Tokenizer | None = None,
+    protect: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder that transformers and ``load_hf`` read.
 
     dtype: cast floating weights to it (default: keep the model's); the router bias stays float32.
     max_shard_bytes: above this total size the weights are split into shards plus an index file.
     The folder is written atomically: on any failure nothing at ``path`` changes.
+    overwrite: replace an existing model folder (one that holds only model files: config, weights,
+        tokenizer). A non-empty folder with anything else in it is never replaced, and neither is a folder
+        that holds one of ``protect`` (e.g. the training run being exported).
     fp8: write DeepSeek's FP8 layout: linear weights in float8_e4m3fn with a float32 ``<name>_scale_inv``
         per 128x128 block, quantised from the model's own weights (the embedding, head, norms and router
         stay in ``dtype``), and ``quantization_config`` in config.json (see ``workbench.io.fp8_layout``).
     tokenizer: written next to the weights (``tokenizer.json``, ``tokenizer_config.json``); default: the
         one the model carries (``model.tokenizer``), if any.
     """
+    check_output_folder(path, overwrite=overwrite, protect=protect, allowed=MODEL_FOLDER_FILES)  # before any work
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     hf_sd = {name: t.detach() for name, t in to_hf_state_dict(model).items()}
@@ -289,7 +301,7 @@ def save_hf(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
-    return write_folder_atomically(path, fill, overwrite=overwrite)
+    return write_folder_atomically(path, fill, overwrite=overwrite, protect=protect, allowed=MODEL_FOLDER_FILES)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

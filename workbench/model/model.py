@@ -23,6 +23,7 @@ that the routed experts of a layer are stored stacked (``mlp.experts.gate_proj``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from workbench.fp8 import convert_to_fp8
 from workbench.model.block import Block
 from workbench.model.layers import RMSNorm
 from workbench.model.mla import KVCache
-from workbench.model.moe import RoutedExperts, Router, RoutingStats
+from workbench.model.moe import GrowthLayout, RoutedExperts, Router, RoutingStats
 from workbench.model.mtp import MTPModule
 from workbench.model.rope import rope_tables
 
@@ -193,11 +194,19 @@ class Model(nn.Module):
         return out
 
     @torch.no_grad()
-    def update_expert_bias(self, routing: list[RoutingStats] | list[torch.Tensor], gamma: float | None = None) -> None:
+    def update_expert_bias(
+        self,
+        routing: list[RoutingStats] | list[torch.Tensor],
+        gamma: float | None = None,
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> None:
         """Auxiliary-loss-free balancing: nudge every router's bias from the observed expert loads.
 
         routing: the ``ModelOutput.routing`` of the step (or one counts tensor per router, in the order
-        of ``routers()``, e.g. summed over gradient-accumulation micro-batches).
+        of ``routers()``, e.g. summed over gradient-accumulation micro-batches). ``workbench.train.loop`` gives
+        a router that did not run in the forward (MTP's, with ``compute_mtp=False``) zero counts: no move.
+        gamma: the bias update speed (default: ``config.bias_update_speed``).
+        masks: per router, a bool (E,) tensor of the experts whose bias may move (None: all of them).
         """
         gamma = self.config.bias_update_speed if gamma is None else gamma
         routers = self.routers()
@@ -206,8 +215,53 @@ class Model(nn.Module):
                 f"got routing statistics for {len(routing)} MoE layers, the model has {len(routers)} "
                 "(run the MTP modules in the forward, or pass counts for every router)"
             )
-        for router, item in zip(routers, routing):
-            router.update_bias(item.counts if isinstance(item, RoutingStats) else item, gamma)
+        if masks is not None and len(masks) != len(routers):
+            raise ValueError(f"got {len(masks)} balancing masks for {len(routers)} routers")
+        for i, (router, item) in enumerate(zip(routers, routing)):
+            counts = item.counts if isinstance(item, RoutingStats) else item
+            router.update_bias(counts, gamma, mask=None if masks is None else masks[i])
+
+    @torch.no_grad()
+    def grow_experts(
+        self,
+        n: int,
+        live_layers: Sequence[int],
+        init: str = "copy",
+        *,
+        sources: dict[int, list[int]] | None = None,
+        generator: torch.Generator | None = None,
+        margin: float = 2.0,
+    ) -> GrowthLayout:
+        """Give every MoE layer ``n`` more routed experts, in place (one config, one expert count).
+
+        In ``live_layers`` the new experts are dormant (never chosen until their bias is raised, see
+        ``MoE.grow``); in the other MoE layers they are inactive. ``self.config`` becomes a new config with
+        ``n_routed_experts + n`` and the inactive experts recorded (``inactive_experts``), so the grown model
+        saves and loads like any other. sources: per layer, the old expert each new one copies (``init="copy"``).
+        Returns the layout (where old and new experts now live).
+        """
+        cfg = self.config
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer (experts to add per layer), got {n!r}")
+        if n % cfg.n_group:
+            raise ValueError(
+                f"n={n} new experts do not split evenly over n_group={cfg.n_group} routing groups; the new experts "
+                f"go n / n_group to each group so that old experts keep their group: use n="
+                f"{cfg.n_group * max(1, round(n / cfg.n_group))}"
+            )
+        layout = GrowthLayout(cfg.n_routed_experts, n, cfg.n_group)
+        new_config = cfg.replace(n_routed_experts=layout.experts_after, inactive_experts=None)  # validated first
+        inactive: dict[int, list[int]] = {}
+        for block in [*self.layers, *self.mtp]:
+            if not block.is_moe:
+                continue
+            idx, live = block.mlp.layer_idx, block.mlp.layer_idx in live_layers
+            block.mlp.grow(layout, init, live=live, sources=(sources or {}).get(idx), std=cfg.initializer_range,
+                           generator=generator, margin=margin)  # fmt: skip
+            before = [layout.old_to_new[j] for j in (cfg.inactive_experts or {}).get(idx, [])]
+            inactive[idx] = sorted(before + ([] if live else layout.new))
+        self.config = new_config.replace(inactive_experts={k: v for k, v in inactive.items() if v} or None)
+        return layout
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -24,6 +24,12 @@ less attractive, idle ones more. No gradient flows through this, so it doesn't f
 modelling loss the way an auxiliary loss does. DeepSeek-V3 keeps a tiny *sequence-wise* balance loss
 (``sequence_balance_loss``, weight alpha) only to avoid extreme imbalance within one sequence.
 
+Growing (``MoE.grow``): a trained layer can take more routed experts. The new ones are inserted at the
+end of each routing group (so every old expert keeps its group), start *dormant* (their bias sits below
+every old bias by more than the whole range of an affinity, so they are never chosen and the layer
+computes exactly what it computed before) or *inactive* (``Router.active`` false: never routed, never
+balanced; how a layer that should not grow keeps the expert count that one config imposes on all).
+
 Dispatch (``RoutedExperts``): the (token, expert) pairs are sorted by expert so that each expert
 multiplies one contiguous slice. ``torch.nn.functional.grouped_mm`` runs all the slices in one call
 (on CUDA in bf16, and on CPU in float32 when the widths are 16-byte aligned); elsewhere a loop over
@@ -43,6 +49,8 @@ from torch import nn
 from workbench.config import ModelConfig
 from workbench.fp8 import fp8_linear
 from workbench.model.layers import MLP
+
+GROW_INITS = ("copy", "average", "random")
 
 
 @dataclass
@@ -65,7 +73,7 @@ class RoutingStats:
 class Router(nn.Module):
     """Scores experts and picks the top-k of each token (Hugging Face name: ``mlp.gate``)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int | None = None) -> None:
         super().__init__()
         self.n_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
@@ -77,8 +85,11 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         # the balancing bias: a buffer (saved, never trained by gradient), kept in float32
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
-        # which experts' biases balancing may move (None: all); ``extend.train_only_new_experts`` sets it
-        self.bias_update_mask: torch.Tensor | None = None
+        # which experts may be routed to: the config's inactive_experts are never chosen nor balanced (a
+        # non-persistent buffer: the state lives in the config, so the weights keep the published layout)
+        active = torch.ones(self.n_experts, dtype=torch.bool)
+        active[(config.inactive_experts or {}).get(layer_idx, [])] = False
+        self.register_buffer("active", active, persistent=False)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities (N, E) in float32 (float64 for a float64 model) for tokens x (N, hidden)."""
@@ -91,6 +102,8 @@ class Router(nn.Module):
         N = x.shape[0]
         scores = self.scores(x)  # (N, E)
         choice = scores + self.e_score_correction_bias  # the bias steers selection only
+        if not bool(self.active.all()):
+            choice = choice.masked_fill(~self.active, float("-inf"))  # inactive experts are never chosen
         if self.n_group > 1:
             grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): sum of each group's top-2
@@ -104,13 +117,63 @@ class Router(nn.Module):
         return topk_idx, topk_weight * self.routed_scaling_factor, scores
 
     @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
-        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i)."""
+    def update_bias(self, counts: torch.Tensor, gamma: float, mask: torch.Tensor | None = None) -> None:
+        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), for the experts in
+        ``mask`` (a bool (E,) tensor; None: all experts)."""
         load = counts.float().to(self.e_score_correction_bias.device)
-        step = gamma * torch.sign(load.mean() - load)
-        if self.bias_update_mask is not None:
-            step = torch.where(self.bias_update_mask, step, torch.zeros_like(step))
+        active = self.active.to(load.device)
+        step = gamma * torch.sign(load[active].mean() - load)  # balance among the experts that exist
+        movable = active if mask is None else active & mask.to(load.device)
+        step = torch.where(movable, step, torch.zeros_like(step))
         self.e_score_correction_bias += step
+
+    @torch.no_grad()
+    def grow(self, layout: GrowthLayout, rows: torch.Tensor, *, live: bool, margin: float = 2.0) -> None:
+        """Take the new experts of ``layout``: router rows (n, hidden); a dormant bias (below every active
+        bias by ``margin``: never chosen until raised) when ``live``, else inactive."""
+        E = layout.experts_after
+        weight = self.weight.new_empty(E, self.weight.shape[1])  # (E + n, hidden)
+        weight[layout.old_to_new], weight[layout.new] = self.weight, rows.to(weight)
+        bias = self.e_score_correction_bias.new_zeros(E)
+        bias[layout.old_to_new] = self.e_score_correction_bias
+        active = self.active.new_zeros(E)
+        active[layout.old_to_new] = self.active
+        if live:
+            existing = self.e_score_correction_bias[self.active & torch.isfinite(self.e_score_correction_bias)]
+            bias[layout.new] = float(existing.min()) - margin
+            active[layout.new] = True
+        self.weight = nn.Parameter(weight)
+        self.e_score_correction_bias = bias
+        self.active = active
+        self.n_experts = E
+
+
+@dataclass(frozen=True)
+class GrowthLayout:
+    """Where experts go when each of ``groups`` routing groups gets ``n / groups`` new ones at its end."""
+
+    experts_before: int
+    n: int
+    groups: int
+
+    @property
+    def experts_after(self) -> int:
+        return self.experts_before + self.n
+
+    @property
+    def old_to_new(self) -> list[int]:
+        """Old expert j lives at index old_to_new[j]."""
+        per_old, per_new = self.experts_before // self.groups, self.n // self.groups
+        return [(j // per_old) * (per_old + per_new) + j % per_old for j in range(self.experts_before)]
+
+    @property
+    def new(self) -> list[int]:
+        """The new experts' indices, group by group."""
+        per_old, per_new = self.experts_before // self.groups, self.n // self.groups
+        return [g * (per_old + per_new) + per_old + i for g in range(self.groups) for i in range(per_new)]
+
+    def group_of_new(self, slot: int) -> int:
+        return slot // (self.n // self.groups)
 
 
 class RoutedExperts(nn.Module):
@@ -125,6 +188,16 @@ class RoutedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))  # expert e: Linear(D -> I) weights
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))  # Linear(I -> D)
+
+    @torch.no_grad()
+    def grow(self, layout: GrowthLayout, weights: dict[str, torch.Tensor]) -> None:
+        """Take the new experts of ``layout``: ``weights[name]`` (n, out, in) for gate/up/down_proj."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = getattr(self, name)
+            stacked = old.new_empty((layout.experts_after, *old.shape[1:]))  # (E + n, out, in)
+            stacked[layout.old_to_new], stacked[layout.new] = old, weights[name].to(old)
+            setattr(self, name, nn.Parameter(stacked))
+        self.n_experts = layout.experts_after
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), topk_idx / topk_weight (N, k) -> (N, D): sum over k of weight * expert(x)."""
@@ -167,16 +240,23 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, active: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, averaged over the sequences.
 
     scores (B, T, E) affinities, topk_idx (B, T, k). Per sequence:
     f_i = E / (k T) * #tokens choosing i,  P_i = mean_t s_i / sum_j s_j,  L = sum_i f_i P_i
-    (1 when perfectly balanced, up to E / k when every token picks the same experts).
+    (1 when perfectly balanced, up to E / k when every token picks the same experts). With ``active``
+    (E,) bool, only the active experts count: E is their number and the others' affinities are left out.
     """
     B, T, k = topk_idx.shape
+    n_counted = n_experts
+    if active is not None and not bool(active.all()):
+        scores = scores.masked_fill(~active, 0.0)
+        n_counted = int(active.sum())
     chosen = torch.zeros(B, T, n_experts, device=scores.device).scatter_(2, topk_idx, 1.0)
-    f = chosen.sum(dim=1) * n_experts / (k * T)  # (B, E)
+    f = chosen.sum(dim=1) * n_counted / (k * T)  # (B, E)
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
     return (f * p).sum(dim=-1).mean()
 
@@ -187,7 +267,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.gate = Router(config)
+        self.gate = Router(config, layer_idx)
         self.experts = RoutedExperts(config)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -208,6 +288,52 @@ class MoE(nn.Module):
             topk_idx=topk_idx.view(B, T, k),
             topk_weight=topk_weight.view(B, T, k),
             counts=torch.bincount(topk_idx.reshape(-1), minlength=self.gate.n_experts),
-            balance_loss=sequence_balance_loss(scores.view(B, T, -1), topk_idx.view(B, T, k), self.gate.n_experts),
+            balance_loss=sequence_balance_loss(
+                scores.view(B, T, -1), topk_idx.view(B, T, k), self.gate.n_experts, self.gate.active
+            ),
         )
         return y, stats
+
+    @torch.no_grad()
+    def grow(
+        self,
+        layout: GrowthLayout,
+        init: str = "copy",
+        *,
+        live: bool = True,
+        sources: list[int] | None = None,
+        std: float = 0.02,
+        generator: torch.Generator | None = None,
+        margin: float = 2.0,
+    ) -> None:
+        """Add the routed experts of ``layout`` to this layer, dormant (``live``) or inactive.
+
+        init: their weights and router rows: ``"copy"`` of the expert ``sources[slot]`` (an old index) for
+        each new slot, ``"average"`` of the layer's experts, or ``"random"`` (normal, std ``std``).
+        """
+        if init not in GROW_INITS:
+            raise ValueError(f"init must be one of {GROW_INITS}, got {init!r}")
+        per_old = layout.experts_before // layout.groups
+        if init == "copy" and sources is None:  # the first expert of each new slot's group
+            sources = [layout.group_of_new(slot) * per_old for slot in range(layout.n)]
+        if init == "copy" and len(sources) != layout.n:
+            raise ValueError(f"init='copy' needs one source expert per new expert ({layout.n}), got {sources!r}")
+        ex, router = self.experts, self.gate
+        olds = {name: getattr(ex, name) for name in ("gate_proj", "up_proj", "down_proj")}  # (E, out, in)
+        if init == "copy":
+            weights = {name: w[sources] for name, w in olds.items()}  # (n, out, in)
+            rows = router.weight[sources]  # (n, hidden)
+        elif init == "average":
+            weights = {name: w.mean(dim=0, keepdim=True).expand(layout.n, *w.shape[1:]) for name, w in olds.items()}
+            rows = router.weight.mean(dim=0, keepdim=True).expand(layout.n, -1)
+        else:  # drawn slot by slot: the weights of a slot, then its router row
+            drawn = {name: [] for name in olds}
+            row_list = []
+            for _ in range(layout.n):
+                for name, w in olds.items():
+                    drawn[name].append(torch.randn(w.shape[1:], generator=generator) * std)
+                row_list.append(torch.randn(router.weight.shape[1], generator=generator) * std)
+            weights = {name: torch.stack(ws) for name, ws in drawn.items()}
+            rows = torch.stack(row_list)
+        ex.grow(layout, weights)
+        router.grow(layout, rows, live=live, margin=margin)

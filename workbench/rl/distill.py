@@ -29,7 +29,6 @@ cost is not charged to the distilled students (in R1's setting it is paid once, 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,16 +37,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
 from workbench.io.tokenizer import Tokenizer, tokenizer_of
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.rollout import held_out_evaluator
-from workbench.rl.sft import Pair, SFTConfig, _batches, rejection_sample, sft_batch, sft_train
+from workbench.rl.sft import Pair, PairSampler, SFTConfig, rejection_sample, sft_batch, sft_train
 from workbench.tasks import Task
-from workbench.train import lr_at, make_optimizer
+from workbench.train.loop import Update, fit
 from workbench.util import resolve_device
 
 
@@ -105,6 +103,42 @@ def teacher_traces(
     )
 
 
+class LogitDistillTrainer:
+    """A step of logit distillation: the student's distributions pulled toward the teacher's."""
+
+    desc = "distill"
+
+    def __init__(self, teacher: Model, pairs: Sequence[Pair], cfg: DistillConfig, tok: Tokenizer) -> None:
+        self.teacher, self.pairs, self.cfg, self.tok = teacher, pairs, cfg, tok
+        self.sampler = PairSampler(len(pairs), cfg.batch_size, cfg.seed)
+
+    def step(self, model: Model, update: Update) -> dict[str, Any]:
+        ids, labels = sft_batch(self.tok, [self.pairs[i] for i in self.sampler.next()])
+        ids, labels = ids.to(model.device), labels.to(model.device)
+        mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t + 1
+        with torch.no_grad():
+            t_logits = self.teacher(ids, compute_mtp=False).logits[:, :-1]
+        s_out = model(ids, compute_mtp=False)
+        s_logits = s_out.logits[:, :-1]
+        kl = distill_kl(s_logits, t_logits, mask, self.cfg.temperature)
+        loss, row = kl, {"kl": float(kl.detach())}
+        if self.cfg.ce_weight > 0:
+            ce = F.cross_entropy(
+                s_logits.float().reshape(-1, s_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            loss = loss + self.cfg.ce_weight * ce
+            row["ce"] = float(ce.detach())
+        loss.backward()
+        update(loss, s_out.routing)  # a MoE student balances its experts like any other run
+        return {"loss": float(loss.detach()), **row}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"sampler": self.sampler.state()}, {}
+
+    def load_state(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.sampler.load_state(values["sampler"])
+
+
 def logit_distill(
     student: Model,
     teacher: Model,
@@ -114,6 +148,8 @@ def logit_distill(
     tokenizer: Tokenizer | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``student`` (in place) to match ``teacher``'s next-token distributions on the completions."""
     if not pairs:
@@ -125,62 +161,10 @@ def logit_distill(
             f"logit distillation needs one vocabulary: student has {student.config.vocab_size} ids, "
             f"teacher {teacher.config.vocab_size}"
         )
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    student.to(device).train()
-    teacher.to(device).eval()
-    sched = cfg.schedule()
-    optimizer = make_optimizer(student, sched)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-    metrics = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, disable=not progress, desc="distill", unit="step")
-    for step, idx in enumerate(_batches(len(pairs), cfg.batch_size, cfg.steps, cfg.seed)):
-        lr = lr_at(step, sched)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ids, labels = sft_batch(tok, [pairs[i] for i in idx])
-        ids, labels = ids.to(device), labels.to(device)
-        mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t + 1
-        with torch.no_grad():
-            t_logits = teacher(ids, compute_mtp=False).logits[:, :-1]
-        s_out = student(ids, compute_mtp=False)
-        s_logits = s_out.logits[:, :-1]
-        kl = distill_kl(s_logits, t_logits, mask, cfg.temperature)
-        loss = kl
-        ce = None
-        if cfg.ce_weight > 0:
-            ce = F.cross_entropy(
-                s_logits.float().reshape(-1, s_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-            )
-            loss = loss + cfg.ce_weight * ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        row = {
-            "step": step + 1,
-            "loss": float(loss.detach()),
-            "kl": float(kl.detach()),
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "elapsed_s": round(time.perf_counter() - t0, 3),
-        }
-        if ce is not None:
-            row["ce"] = float(ce.detach())
-        metrics.append(row)
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.update(1)
-        bar.set_postfix(kl=f"{row['kl']:.3f}")
-    bar.close()
-    return metrics
+    teacher.to(resolve_device(cfg.device)).eval()
+    trainer = LogitDistillTrainer(teacher, pairs, cfg, tok)
+    result = fit(student, cfg, trainer, out_dir=out_dir, progress=progress, resume=resume, overwrite=overwrite)
+    return result.metrics
 
 
 def compare_students(

@@ -72,15 +72,12 @@ thousands of prompts per step and completions of thousands of tokens; we use a f
 from __future__ import annotations
 
 import copy
-import json
 import random
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from workbench.config import ConfigError
 from workbench.io.tokenizer import Tokenizer, tokenizer_of
@@ -97,25 +94,28 @@ from workbench.rl.rollout import (
 )
 from workbench.tasks import Example, Task
 from workbench.tasks.rewards import combine
-from workbench.train import TrainConfig, make_optimizer
+from workbench.train.loop import Update, fit
+from workbench.train.optim import LoopConfig
 from workbench.util import resolve_device
 
 LOSS_AGGREGATIONS = ("sequence", "token", "constant")
 
 
 @dataclass
-class GRPOConfig:
-    """Every knob of a GRPO run. Defaults: DeepSeekMath's GRPO at CI scale on the tiny model."""
+class GRPOConfig(LoopConfig):
+    """Every knob of a GRPO run: the loop's (with RL's defaults) and GRPO's. Defaults: DeepSeekMath's
+    GRPO at CI scale on the tiny model."""
 
     steps: int = 30  # rollout batches; each is followed by inner_steps optimiser steps
-    prompts_per_step: int = 16
-    group_size: int = 8  # G: completions sampled per prompt
-    inner_steps: int = 2  # mu: optimiser steps on each batch of rollouts
     lr: float = 1e-4  # RL gradients are noisy: a small model drifts (and forgets) at larger rates
     warmup_steps: int = 10  # optimiser steps of linear warmup, then constant (a fresh AdamW's first
     # steps move every weight by about lr whatever the gradient, which can wreck a small policy)
+    schedule: str = "constant"
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm (0 disables)
+    eval_every: int = 10  # steps between held-out evaluations (0: only before and after)
+    prompts_per_step: int = 16
+    group_size: int = 8  # G: completions sampled per prompt
+    inner_steps: int = 2  # mu: optimiser steps on each batch of rollouts
     beta: float = 0.04  # weight of the KL penalty to the reference model
     log_kl: bool = True  # keep a reference model to log the KL even when beta = 0 (one more forward)
     clip_eps: float = 0.2  # eps_low: the ratio is clipped below at 1 - clip_eps
@@ -125,11 +125,10 @@ class GRPOConfig:
     drop_uniform_groups: bool = False  # DAPO dynamic sampling (as filtering): no loss on zero-signal groups
     accuracy_weight: float = 1.0  # reward = accuracy_weight * accuracy + format_weight * format
     format_weight: float = 0.5
-    temperature: float = 1.0  # sampling temperature of the rollouts
+    temperature: float = 1.0  # sampling temperature of the rollouts (and of the log-probabilities)
     top_p: float = 1.0
     max_new_tokens: int = 48  # completion budget (also the constant of loss_agg="constant")
     micro_batch_size: int = 0  # sequences per forward/backward (0: the whole batch at once)
-    eval_every: int = 10  # steps between held-out evaluations (0: only before and after)
     eval_problems: int = 64  # held-out (test split) problems
     eval_samples: int = 4  # samples per problem (pass@1 is their mean accuracy)
     eval_temperature: float = 1.0  # 0: greedy
@@ -137,26 +136,43 @@ class GRPOConfig:
     sample_every: int = 0  # steps between greedy samples of fixed held-out prompts in the metrics (0: none)
     sample_problems: int = 4  # how many held-out problems (the first ones) those samples answer
     pool_size: int = 4096  # training prompts are drawn from this many train-split problems
-    seed: int = 0
-    device: str = "auto"
+
+    resume_may_change: ClassVar[frozenset[str]] = LoopConfig.resume_may_change | {
+        "eval_problems",
+        "eval_samples",
+        "eval_temperature",
+        "eval_seed",
+        "sample_every",
+        "sample_problems",
+    }
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "inner_steps", "max_new_tokens", "eval_problems", "pool_size"):
+        super().__post_init__()
+        for name in ("prompts_per_step", "inner_steps", "max_new_tokens", "eval_problems", "pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (the group is the baseline), got {self.group_size}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ConfigError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
-        for name in ("beta", "clip_eps", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "sample_every"):
+        for name in ("beta", "clip_eps", "sample_every", "micro_batch_size", "eval_samples", "eval_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_eps_high is not None and self.clip_eps_high < 0:
             raise ConfigError(f"clip_eps_high must be >= 0 or None, got {self.clip_eps_high}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.sample_problems < 1:
             raise ConfigError(f"sample_problems must be >= 1, got {self.sample_problems}")
+        if not self.temperature > 0:
+            raise ConfigError(
+                f"temperature must be > 0 for training (the policy's log-probabilities are taken at the "
+                f"sampling temperature), got {self.temperature}; use 1.0"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.inner_steps
 
     @property
     def eps_high(self) -> float:
@@ -254,11 +270,23 @@ def token_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> tor
     raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
 
 
-def token_logprobs(model: Model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (N, T) -> (log-probability of each next token (N, T-1), logits (N, T-1, V) in float32)."""
-    logits = model(ids, compute_mtp=False).logits[:, :-1].float()  # (N, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+def token_logprobs(model: Model, ids: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (N, T) -> (log-probability of each next token (N, T-1), logits (N, T-1, V) in float32).
+
+    At ``temperature`` != 1 the logits are divided by it first: the log-probabilities are those of the
+    distribution the rollouts were sampled from (as TRL does), so the importance ratio compares like
+    with like. The returned logits are the tempered ones.
+    """
+    logp, logits, _ = _policy_forward(model, ids, temperature)
     return logp, logits
+
+
+def _policy_forward(model: Model, ids: torch.Tensor, temperature: float = 1.0):
+    """``token_logprobs`` plus the forward's routing statistics (for balancing)."""
+    out = model(ids, compute_mtp=False)
+    logits = out.logits[:, :-1].float() / temperature  # (N, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    return logp, logits, out.routing
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
@@ -276,11 +304,17 @@ def grpo_token_loss(
     cfg: GRPOConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a (micro-)batch: sum(weights * -(surrogate - beta * KL)), and masked statistics."""
-    objective, low, high = clipped_surrogate(logp, old_logp, adv, cfg.clip_eps, cfg.eps_high)
-    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    per_token = -(objective - cfg.beta * kl)
     live = weights > 0
-    # where(), not a product: a padded position's value may be inf, and 0 * inf is nan
+    # masked before exp: at a padded position a log-prob may be -inf or huge, and exp() of it would give
+    # inf in the forward and nan in the backward (0 * inf), reaching every parameter
+    logp = torch.where(live, logp, torch.zeros_like(logp))
+    old_logp = torch.where(live, old_logp, torch.zeros_like(old_logp))
+    objective, low, high = clipped_surrogate(logp, old_logp, adv, cfg.clip_eps, cfg.eps_high)
+    if ref_logp is not None:
+        kl = k3_kl(logp, torch.where(live, ref_logp, torch.zeros_like(ref_logp)))
+    else:
+        kl = torch.zeros_like(logp)
+    per_token = -(objective - cfg.beta * kl)
     loss = torch.where(live, weights * per_token, torch.zeros_like(per_token)).sum()
     stats = {"kl_sum": kl.detach()[live].sum(), "clip_low": low[live].sum(), "clip_high": high[live].sum()}
     stats["tokens"] = live.sum()
@@ -301,15 +335,138 @@ class GRPOResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _constant_lr(step: int, cfg: GRPOConfig) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+class GRPOTrainer:
+    """A GRPO step: rollouts for ``prompts_per_step`` prompts, their advantages, ``inner_steps`` updates."""
 
+    desc = "grpo"
 
-def make_rl_optimizer(model: Model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as in pre-training (``workbench.train.make_optimizer``), with RL's learning rate."""
-    return make_optimizer(model, TrainConfig(lr=lr, weight_decay=weight_decay))
+    def __init__(self, task: Task, cfg: GRPOConfig, tok: Tokenizer, pool: list[Example], ref: Model | None, device):
+        self.task, self.cfg, self.tok, self.pool, self.ref = task, cfg, tok, pool, ref
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.order_rng = random.Random(cfg.seed)
+        self.order: list[int] = []
+        self.stops = stop_ids(tok)
+        self.before: dict[str, Any] | None = None
+        # the first problems of the held-out set (``Task.sample`` draws prefix-stable)
+        self.shown = task.sample(min(cfg.sample_problems, cfg.eval_problems), seed=cfg.eval_seed, split="test")
+
+    def _next_prompts(self) -> list[Example]:
+        batch = []
+        for _ in range(self.cfg.prompts_per_step):
+            if not self.order:
+                self.order = list(range(len(self.pool)))
+                self.order_rng.shuffle(self.order)
+            batch.append(self.pool[self.order.pop()])
+        return batch
+
+    def step(self, model: Model, update: Update) -> dict[str, Any]:
+        cfg, tok = self.cfg, self.tok
+        # 1. rollouts: G completions for each of this step's prompts ----------------------------------
+        batch = self._next_prompts()
+        prompts = [encode_prompt(tok, self.task.prompt(ex)) for ex in batch]
+        ro = sample_completions(model, prompts, cfg.group_size, max_new_tokens=cfg.max_new_tokens, stop=self.stops,
+                                temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gen)  # fmt: skip
+        parts = score(self.task, batch, ro, tok)
+        weights_of = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}
+        rewards = torch.tensor([combine(p, weights_of) for p in parts])  # (N,)
+
+        # 2. advantages and the token weights of the loss ---------------------------------------------
+        device = model.device
+        adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards).to(device)  # (N,)
+        uniform = uniform_groups(rewards, cfg.group_size)
+        ids, mask = pad_sequences(ro, tok.pad_id, device)  # (N, T), (N, T-1)
+        if cfg.drop_uniform_groups:
+            mask = mask * (~uniform).float().to(device)[:, None]
+        weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
+
+        # 3. inner optimisation steps ----------------------------------------------------------------
+        row = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.view(-1, cfg.group_size).std(dim=1).mean()),
+            "accuracy": sum(p["accuracy"] for p in parts) / len(parts),
+            "format": sum(p["format"] for p in parts) / len(parts),
+            "response_length": sum(ro.lengths) / len(ro),
+            "truncated": 1.0 - sum(ro.finished) / len(ro),
+            "zero_signal_groups": float(uniform.view(-1, cfg.group_size)[:, 0].float().mean()),
+            **self._train_on_batch(model, update, ids, mask, adv, weights),
+        }
+        if cfg.sample_every and (update.step == cfg.steps or update.step % cfg.sample_every == 0):
+            row["samples"] = self.greedy_samples(model)
+        return row
+
+    def _train_on_batch(self, model: Model, update: Update, ids, mask, adv, weights) -> dict[str, Any]:
+        """mu optimiser updates on one batch of rollouts; returns the step's training statistics."""
+        cfg, N = self.cfg, ids.shape[0]
+        mb = cfg.micro_batch_size or N
+        chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
+        live_tokens = float((weights > 0).sum())
+        out: dict[str, Any] = {"updated": live_tokens > 0}
+        if live_tokens == 0:  # every group was uniform and dropped: nothing to learn from this batch
+            out.update(kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, entropy=0.0)
+            out.update(loss=0.0, grad_norm=0.0, lr=cfg.lr_at(update.count))
+            return out
+        tau = cfg.temperature
+        with torch.no_grad():
+            ref_logp = [token_logprobs(self.ref, ids[c], tau)[0] for c in chunks] if self.ref else [None] * len(chunks)
+        old_logp: list[torch.Tensor] = []
+        totals = {"kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0, "grad_norm": 0.0}
+        entropy_sum = 0.0
+        for inner in range(cfg.inner_steps):
+            step_loss, counts = 0.0, None
+            for k, c in enumerate(chunks):
+                logp, logits, routing = _policy_forward(model, ids[c], tau)
+                if inner == 0:  # the sampling policy is the current one: ratio = 1 on the first inner step
+                    old_logp.append(logp.detach())
+                    with torch.no_grad():
+                        entropy_sum += float((entropy_of(logits) * mask[c]).sum())
+                loss, st = grpo_token_loss(logp, old_logp[k], ref_logp[k], adv[c], weights[c], cfg)
+                loss.backward()
+                step_loss += float(loss.detach())
+                batch_counts = [s.counts for s in routing]
+                counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
+                for key in ("kl_sum", "clip_low", "clip_high", "tokens"):
+                    totals[key] += float(st[key])
+            done = update(step_loss, counts)
+            totals["loss"] += step_loss
+            totals["grad_norm"] += done["grad_norm"]
+        n_tok = max(1.0, totals["tokens"])
+        out.update(
+            loss=totals["loss"] / cfg.inner_steps,
+            kl=totals["kl_sum"] / n_tok,
+            clip_frac=(totals["clip_low"] + totals["clip_high"]) / n_tok,
+            clip_frac_low=totals["clip_low"] / n_tok,
+            clip_frac_high=totals["clip_high"] / n_tok,
+            entropy=entropy_sum / max(1.0, float(mask.sum())),
+            grad_norm=totals["grad_norm"] / cfg.inner_steps,
+            lr=done["lr"],
+        )
+        return out
+
+    def greedy_samples(self, model: Model) -> list[dict[str, Any]]:
+        ev = evaluate(model, self.task, self.shown, self.tok, temperature=0.0, max_new_tokens=self.cfg.max_new_tokens,
+                      return_samples=True)  # fmt: skip
+        keys = ("question", "completion", "accuracy", "format")
+        return [dict(zip(keys, sample)) for sample in ev["samples"]]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        version, internal, gauss = self.order_rng.getstate()
+        values = {
+            "order_rng": [version, list(internal), gauss],
+            "order": list(self.order),
+            "generator": self.gen.get_state().tolist(),
+            "before": self.before,
+        }
+        tensors = {f"ref.{k}": v for k, v in self.ref.state_dict().items()} if self.ref is not None else {}
+        return values, tensors
+
+    def load_state(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        version, internal, gauss = values["order_rng"]
+        self.order_rng.setstate((version, tuple(internal), gauss))
+        self.order = list(values["order"])
+        self.gen.set_state(torch.tensor(values["generator"], dtype=torch.uint8))
+        self.before = values.get("before")
+        if self.ref is not None:
+            self.ref.load_state_dict({k.removeprefix("ref."): v for k, v in tensors.items() if k.startswith("ref.")})
 
 
 def grpo_train(
@@ -322,182 +479,42 @@ def grpo_train(
     out_dir: str | Path | None = None,
     progress: bool = True,
     train_examples: list[Example] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    balance_masks: list[torch.Tensor | None] | None = None,
 ) -> GRPOResult:
     """Train ``model`` on ``task`` with GRPO (in place); returns it with per-step metrics and before/after.
 
     ref_model: the frozen reference of the KL term (default: a copy of ``model`` as it starts).
-    out_dir: if given, ``metrics.jsonl`` (one line per step) is written there as the run goes.
+    out_dir: the run folder (metrics.jsonl, checkpoints; see ``workbench.train.loop.fit``), resumable.
     train_examples: the prompts to train on (default: ``pool_size`` train-split problems).
     """
     cfg = cfg or GRPOConfig()
     tok = tokenizer_of(model, tokenizer)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
+    model.to(device)
     if cfg.beta > 0 or cfg.log_kl:
         ref = ref_model if ref_model is not None else copy.deepcopy(model)
         ref.to(device).eval().requires_grad_(False)
     else:
         ref = None
-    optimizer = make_rl_optimizer(model, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    stops = stop_ids(tok)
-
     pool = train_examples or task.sample(min(cfg.pool_size, cfg.steps * cfg.prompts_per_step), cfg.seed, "train")
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
+    trainer = GRPOTrainer(task, cfg, tok, pool, ref, device)
+    run_eval = held_out_evaluator(task, tok, cfg.eval_problems, seed=cfg.eval_seed, n_samples=cfg.eval_samples,
+                                  temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+    evaluations: list[dict[str, Any]] = []
 
-    run_eval = held_out_evaluator(
-        task,
-        tok,
-        cfg.eval_problems,
-        seed=cfg.eval_seed,
-        n_samples=cfg.eval_samples,
-        temperature=cfg.eval_temperature,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-    # the first problems of the same held-out set (``Task.sample`` draws prefix-stable)
-    shown = task.sample(min(cfg.sample_problems, cfg.eval_problems), seed=cfg.eval_seed, split="test")
+    def evaluate_now(m: Model) -> dict[str, float]:
+        ev = run_eval(m)
+        evaluations.append(ev)
+        return {k: v for k, v in ev.items() if isinstance(v, float)}
 
-    def greedy_samples() -> list[dict[str, Any]]:
-        ev = evaluate(model, task, shown, tok, temperature=0.0, max_new_tokens=cfg.max_new_tokens, return_samples=True)
-        keys = ("question", "completion", "accuracy", "format")
-        return [dict(zip(keys, sample)) for sample in ev["samples"]]
-
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-
-    before = last_eval = run_eval(model)
-    metrics: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    opt_step = 0
-    bar = tqdm(range(cfg.steps), disable=not progress, desc="grpo", unit="step")
-    for step in bar:
-        # 1. rollouts: G completions for each of this step's prompts ---------------------------------
-        batch = []
-        for _ in range(cfg.prompts_per_step):
-            if not order:
-                order = list(range(len(pool)))
-                order_rng.shuffle(order)
-            batch.append(pool[order.pop()])
-        prompts = [encode_prompt(tok, task.prompt(ex)) for ex in batch]
-        ro = sample_completions(
-            model,
-            prompts,
-            cfg.group_size,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=stops,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            generator=gen,
-        )
-        parts = score(task, batch, ro, tok)
-        weights_of = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}
-        rewards = torch.tensor([combine(p, weights_of) for p in parts])  # (N,)
-
-        # 2. advantages and the token weights of the loss ---------------------------------------------
-        adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards).to(device)  # (N,)
-        uniform = uniform_groups(rewards, cfg.group_size)
-        ids, mask = pad_sequences(ro, tok.pad_id, device)  # (N, T), (N, T-1)
-        if cfg.drop_uniform_groups:
-            mask = mask * (~uniform).float().to(device)[:, None]
-        weights = token_weights(mask, cfg.loss_agg, cfg.max_new_tokens)
-
-        # 3. inner optimisation steps ----------------------------------------------------------------
-        row = _train_on_batch(model, ref, optimizer, ids, mask, adv, weights, cfg, opt_step)
-        opt_step += cfg.inner_steps if row["updated"] else 0
-
-        row = {
-            "step": step + 1,
-            "reward": float(rewards.mean()),
-            "reward_std": float(rewards.view(-1, cfg.group_size).std(dim=1).mean()),
-            "accuracy": sum(p["accuracy"] for p in parts) / len(parts),
-            "format": sum(p["format"] for p in parts) / len(parts),
-            "response_length": sum(ro.lengths) / len(ro),
-            "truncated": 1.0 - sum(ro.finished) / len(ro),
-            "zero_signal_groups": float(uniform.view(-1, cfg.group_size)[:, 0].float().mean()),
-            **row,
-            "elapsed_s": round(time.perf_counter() - t0, 3),
-        }
-        last = step + 1 == cfg.steps
-        if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            ev = last_eval = run_eval(model)
-            row.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, float)})
-        if cfg.sample_every and (last or (step + 1) % cfg.sample_every == 0):
-            row["samples"] = greedy_samples()
-        metrics.append(row)
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
-    bar.close()
-    return GRPOResult(model=model, metrics=metrics, before=before, after=last_eval, config=asdict(cfg))
-
-
-def _train_on_batch(
-    model: Model,
-    ref: Model | None,
-    optimizer: torch.optim.Optimizer,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    adv: torch.Tensor,
-    weights: torch.Tensor,
-    cfg: GRPOConfig,
-    opt_step: int,
-) -> dict[str, Any]:
-    """mu optimiser steps on one batch of rollouts; returns the step's training statistics."""
-    N = ids.shape[0]
-    mb = cfg.micro_batch_size or N
-    chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
-    live_tokens = float((weights > 0).sum())
-    stats_out: dict[str, Any] = {"updated": live_tokens > 0}
-    if live_tokens == 0:  # every group was uniform and dropped: nothing to learn from this batch
-        stats_out.update(kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, entropy=0.0)
-        stats_out.update(loss=0.0, grad_norm=0.0, lr=_constant_lr(opt_step, cfg))
-        return stats_out
-
-    with torch.no_grad():
-        ref_logp = [token_logprobs(ref, ids[c])[0] for c in chunks] if ref is not None else [None] * len(chunks)
-    old_logp: list[torch.Tensor] = []
-    totals = {"kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0, "grad_norm": 0.0}
-    entropy_sum = 0.0
-    for inner in range(cfg.inner_steps):
-        lr = _constant_lr(opt_step + inner, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for k, c in enumerate(chunks):
-            logp, logits = token_logprobs(model, ids[c])
-            if inner == 0:  # the sampling policy is the current one: ratio = 1 on the first inner step
-                old_logp.append(logp.detach())
-                with torch.no_grad():
-                    entropy_sum += float((entropy_of(logits) * mask[c]).sum())
-            loss, st = grpo_token_loss(logp, old_logp[k], ref_logp[k], adv[c], weights[c], cfg)
-            loss.backward()
-            step_loss += float(loss.detach())
-            for key in ("kl_sum", "clip_low", "clip_high", "tokens"):
-                totals[key] += float(st[key])
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        totals["loss"] += step_loss
-        totals["grad_norm"] += float(grad_norm)
-    n_tok = max(1.0, totals["tokens"])
-    stats_out.update(
-        loss=totals["loss"] / cfg.inner_steps,
-        kl=totals["kl_sum"] / n_tok,
-        clip_frac=(totals["clip_low"] + totals["clip_high"]) / n_tok,
-        clip_frac_low=totals["clip_low"] / n_tok,
-        clip_frac_high=totals["clip_high"] / n_tok,
-        entropy=entropy_sum / max(1.0, float(mask.sum())),
-        grad_norm=totals["grad_norm"] / cfg.inner_steps,
-        lr=lr,
-    )
-    return stats_out
+    if not resume:
+        trainer.before = run_eval(model)
+    result = fit(model, cfg, trainer, out_dir=out_dir, evaluate=evaluate_now, resume=resume, overwrite=overwrite,
+                 progress=progress, balance_masks=balance_masks)  # fmt: skip
+    after = evaluations[-1] if evaluations else trainer.before
+    return GRPOResult(model=model, metrics=result.metrics, before=trainer.before, after=after, config=asdict(cfg))
 
 
 def rollout_table(task: Task, examples: list[Example], rollouts: Rollouts, tok: Tokenizer) -> list[dict[str, Any]]:

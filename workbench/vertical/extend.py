@@ -19,8 +19,10 @@ Three steps, each a function here:
    are identical (the tests check it). In float32 the router's matrix product has more rows, BLAS may
    sum in another order, and the two agree to rounding; a token whose k-th and (k+1)-th affinities tie
    within rounding can then pick the other expert. Layers not chosen still get the slots, since every
-   layer of a config has the same number of experts, but there the new experts are *absent*: bias
-   ``-inf``, never selected, never trained.
+   layer of a config has the same number of experts, but there the new experts are *inactive*
+   (``Router.active``, saved as ``config.inactive_experts``): never selected, never trained. The growing
+   itself is the model's own seam, ``Model.grow_experts`` / ``MoE.grow``; this module decides what to
+   grow from (the busiest expert of the new domain) and where the vertical lives.
 2. ``wake_experts(model, added, new_ids, old_ids, old_rate)`` makes the new experts reachable for the
    new domain. Each new router row becomes a linear classifier of the new domain's tokens: logistic
    regression on the router's inputs x of new-domain against old-domain tokens (``fit_probe``; a router
@@ -81,7 +83,7 @@ import torch
 from workbench.config import ConfigError
 from workbench.io.files import CheckpointError, atomic_write_json, read_json
 from workbench.model import Model
-from workbench.model.moe import MoE
+from workbench.model.moe import GrowthLayout, MoE
 
 INITS = ("copy", "average", "random")
 DORMANT_MARGIN = 2.0  # dormant bias = min(old biases) - this; sigmoid affinities differ by less than 1
@@ -100,7 +102,7 @@ class AddedExperts:
     n: int  # new experts per layer
     init: str
     layers: list[int]  # MoE layers whose new experts are live (trainable)
-    absent_layers: list[int]  # MoE layers that got the slots switched off (bias -inf)
+    absent_layers: list[int]  # MoE layers whose new slots are inactive (never routed; config.inactive_experts)
     new_experts: list[int]  # indices of the new experts in every grown layer
     old_to_new: list[int]  # old expert j now lives at index old_to_new[j]
     sources: dict[int, list[int]] = field(default_factory=dict)  # layer -> expert copied (copy init)
@@ -151,20 +153,6 @@ class AddedExperts:
 # =====================================================================================================
 
 
-def _layout(E: int, n: int, groups: int) -> tuple[list[int], list[int]]:
-    """Where old and new experts go when each of ``groups`` groups gets n / groups new experts at its end."""
-    per_old, per_new = E // groups, n // groups
-    width = per_old + per_new
-    old_to_new = [(j // per_old) * width + j % per_old for j in range(E)]
-    new = [g * width + per_old + i for g in range(groups) for i in range(per_new)]
-    return old_to_new, new
-
-
-def _finite(bias: torch.Tensor) -> torch.Tensor:
-    """The biases of experts that exist (absent ones, from an earlier growth, are -inf)."""
-    return bias[torch.isfinite(bias)].float()
-
-
 @torch.no_grad()
 def _expert_usage(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per MoE layer: how many routed slots each expert got on token ids (B, T)."""
@@ -190,7 +178,7 @@ def add_expert(
 
     layers: MoE layer indices whose new experts are live (default: every MoE layer of the main model;
         MTP layers only if listed). The other MoE layers get the slots too (one config, one expert
-        count) with the new experts absent (bias -inf).
+        count) with the new experts inactive (``Router.active``, recorded in ``config.inactive_experts``).
     init: "copy" (weights and router row of an existing expert), "average" (of the layer's experts),
         "random" (normal with the model's initializer_range, router row too).
     source: the expert to copy (an index of the base). Default: in each layer and group, the expert
@@ -221,63 +209,26 @@ def add_expert(
 
     params_before = model.num_parameters()
     grown = copy.deepcopy(model)
-    grown.config = copy.deepcopy(config)
-    grown.config.n_routed_experts = E + n
-    grown.config.validate()
-    old_to_new, new = _layout(E, n, G)
-    usage = _expert_usage(model, probe_ids) if probe_ids is not None and init == "copy" and source is None else {}
-    gen = torch.Generator().manual_seed(seed)
-    sources: dict[int, list[int]] = {}
+    layout = GrowthLayout(E, n, G)
     per_old, per_new = E // G, n // G
-
-    for idx, moe in moe_layers(grown).items():
-        ex, router = moe.experts, moe.gate
-        olds = {name: getattr(ex, name).data for name in ("gate_proj", "up_proj", "down_proj")}
-        old_w, old_b = router.weight.data, router.e_score_correction_bias
-        new_params, src_of_layer = {}, []
-        for name, w in olds.items():
-            out = w.new_empty((E + n, *w.shape[1:]))
-            out[old_to_new] = w
-            new_params[name] = out
-        w_out = old_w.new_empty(E + n, old_w.shape[1])
-        w_out[old_to_new] = old_w
-        b_out = old_b.new_empty(E + n)
-        b_out[old_to_new] = old_b
-        for slot, pos in enumerate(new):
-            group = slot // per_new
-            if init == "copy":
+    sources: dict[int, list[int]] = {}
+    if init == "copy":  # per layer and new slot: the given source, else the group's busiest expert on the probe
+        usage = _expert_usage(model, probe_ids) if probe_ids is not None and source is None else {}
+        for idx in moes:
+            srcs = []
+            for slot in range(n):
+                group = slot // per_new
                 if source is not None:
-                    src = source
+                    srcs.append(source)
                 elif idx in usage:
-                    counts = usage[idx][group * per_old : (group + 1) * per_old]
-                    src = group * per_old + int(counts.argmax())
+                    srcs.append(group * per_old + int(usage[idx][group * per_old : (group + 1) * per_old].argmax()))
                 else:
-                    src = group * per_old
-                src_of_layer.append(src)
-                for name, w in olds.items():
-                    new_params[name][pos] = w[src]
-                w_out[pos] = old_w[src]
-            elif init == "average":
-                for name, w in olds.items():
-                    new_params[name][pos] = w.mean(dim=0)
-                w_out[pos] = old_w.mean(dim=0)
-            else:
-                std = config.initializer_range
-                for name, w in olds.items():
-                    new_params[name][pos] = torch.randn(w.shape[1:], generator=gen) * std
-                w_out[pos] = torch.randn(old_w.shape[1], generator=gen) * std
-        if idx in live:
-            b_out[new] = float(_finite(old_b).min()) - DORMANT_MARGIN  # never selected until woken
-            if src_of_layer:
-                sources[idx] = src_of_layer
-        else:
-            b_out[new] = float("-inf")  # absent: this layer routes as before, forever
-        for name, value in new_params.items():
-            setattr(ex, name, torch.nn.Parameter(value))
-        ex.n_experts = E + n
-        router.weight = torch.nn.Parameter(w_out)
-        router.e_score_correction_bias = b_out
-        router.n_experts = E + n
+                    srcs.append(group * per_old)
+            sources[idx] = srcs
+    grown.grow_experts(n, live, init, sources=sources, generator=torch.Generator().manual_seed(seed),
+                       margin=DORMANT_MARGIN)  # fmt: skip
+    old_to_new, new = layout.old_to_new, layout.new
+    sources = {idx: srcs for idx, srcs in sources.items() if idx in live}
 
     per_expert = 3 * config.moe_intermediate_size * config.hidden_size + config.hidden_size  # + router row
     added = AddedExperts(
@@ -399,7 +350,7 @@ def wake_experts(
             "old": _router_inputs(model, old_ids, [i])[i].float(),
         }
         router = moes[i].gate
-        old = torch.ones(router.n_experts, dtype=torch.bool, device=model.device)
+        old = router.active.clone()  # the old experts that exist (not the new ones, nor inactive slots)
         old[new] = False
         if probe == "logistic":
             router.weight[new] = fit_probe(x["new"], x["old"]).to(router.weight.dtype)
@@ -413,8 +364,9 @@ def wake_experts(
             router.e_score_correction_bias[new] = bias
             return _share_to(router, tokens, new)
 
-        lo = float(_finite(router.e_score_correction_bias[old]).min()) - DORMANT_MARGIN  # share 0 here
-        hi = float(_finite(router.e_score_correction_bias[old]).max()) + DORMANT_MARGIN  # share 1 here
+        old_bias = router.e_score_correction_bias[old & torch.isfinite(router.e_score_correction_bias)].float()
+        lo = float(old_bias.min()) - DORMANT_MARGIN  # share 0 here
+        hi = float(old_bias.max()) + DORMANT_MARGIN  # share 1 here
         for _ in range(40):  # bisection: both shares grow with the bias
             mid = (lo + hi) / 2
             ok = share(mid, x[which]) <= target if which == "old" else share(mid, x[which]) < target
@@ -438,6 +390,7 @@ class Trainable:
     parameters: int  # entries that receive gradient
     total: int  # all parameters of the model
     tensors: list[str]  # names of the tensors that carry a (masked) gradient
+    balance_masks: list[torch.Tensor] = field(default_factory=list)  # per router: the experts balancing may move
 
     @property
     def fraction(self) -> float:
@@ -449,7 +402,8 @@ def train_only_new_experts(
     model: Model, added: AddedExperts, *, train_router: bool = True, train_tokens: Sequence[int] = ()
 ) -> Iterator[Trainable]:
     """Inside the block only the live new experts (and their router rows, and the embedding and output
-    rows of ``train_tokens``) get gradients, and balancing moves only the new experts' biases.
+    rows of ``train_tokens``) get gradients; ``Trainable.balance_masks`` are the masks that make balancing
+    move only the new experts' biases (pass them to the loop: ``balance_masks=trainable.balance_masks``).
 
     Use AdamW with weight decay 0 (decoupled decay would shrink the frozen rows too): every loop here
     (``train_vertical``, ``sft_train``, ``grpo_train``) does by default. On exit everything is as before.
@@ -458,6 +412,7 @@ def train_only_new_experts(
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
     hooks: list[Any] = []
     names: list[str] = []
+    balance_masks: list[torch.Tensor] = []
     count = 0
     device = model.device
 
@@ -480,21 +435,19 @@ def train_only_new_experts(
                     masked(getattr(moe.experts, name), f"layer {i} experts.{name}", rows)
                 if train_router:
                     masked(moe.gate.weight, f"layer {i} gate.weight", rows)
-            moe.gate.bias_update_mask = rows.to(device)
+            balance_masks.append(rows.to(device))
         if train_tokens:
             rows = torch.zeros(model.config.vocab_size, dtype=torch.bool)
             rows[list(train_tokens)] = True
             masked(model.embed_tokens.weight, "embed_tokens.weight", rows)
             if model.lm_head.weight is not model.embed_tokens.weight:
                 masked(model.lm_head.weight, "lm_head.weight", rows)
-        yield Trainable(parameters=count, total=model.num_parameters(), tensors=names)
+        yield Trainable(parameters=count, total=model.num_parameters(), tensors=names, balance_masks=balance_masks)
     finally:
         for h in hooks:
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(saved.get(name, True))
-        for moe in moes.values():
-            moe.gate.bias_update_mask = None
 
 
 def new_token_ids(tokenizer, base_tokens: torch.Tensor, texts: Sequence[str]) -> list[int]:
@@ -628,19 +581,15 @@ def train_vertical(
         lr=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         weight_decay=0.0,  # decoupled decay would shrink the frozen rows of the stacked experts
+        bias_update_speed=cfg.bias_update_speed,
         eval_every=cfg.eval_every,
         seed=cfg.seed,
         device=cfg.device,
     )
-    gamma_saved = model.config.bias_update_speed
-    if cfg.bias_update_speed is not None:
-        model.config.bias_update_speed = cfg.bias_update_speed
     t0 = time.perf_counter()
-    try:
-        with train_only_new_experts(model, added, train_router=cfg.train_router, train_tokens=tokens) as trainable:
-            result = train(model.config, tc, out_dir, dataset=dataset, model=model, progress=progress, overwrite=True)
-    finally:
-        model.config.bias_update_speed = gamma_saved
+    with train_only_new_experts(model, added, train_router=cfg.train_router, train_tokens=tokens) as trainable:
+        result = train(model.config, tc, out_dir, dataset=dataset, model=model, progress=progress, overwrite=True,
+                       balance_masks=trainable.balance_masks)  # fmt: skip
     if out_dir is not None:
         added.save(Path(out_dir))
     return VerticalReport(
@@ -784,9 +733,10 @@ def run_vertical(
     report = train_vertical(grown, added, task, cfg, dataset=dataset, tokenizer=tok, progress=progress)
     stages = {"base": before, "cold_start": vertical_metrics(grown, task, dataset, added, **measure)}
     if grpo_steps:
-        g = GRPOConfig(steps=grpo_steps, eval_every=0, lr=1e-4, beta=0.04, seed=seed, device=device)
-        with train_only_new_experts(grown, added):
-            grpo_train(grown, task, g, tokenizer=tok, progress=progress)
+        g = GRPOConfig(steps=grpo_steps, eval_every=0, lr=1e-4, beta=0.04, seed=seed, device=device,
+                       bias_update_speed=cfg.bias_update_speed)  # fmt: skip
+        with train_only_new_experts(grown, added) as trainable:
+            grpo_train(grown, task, g, tokenizer=tok, progress=progress, balance_masks=trainable.balance_masks)
         stages["grpo"] = vertical_metrics(grown, task, dataset, added, **measure)
     last = stages[list(stages)[-1]]
     summary = {
