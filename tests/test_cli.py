@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,42 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no model at" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint").exists()
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--out", "{tmp}/t"], ["info", "--preset", "tiny"], ["grpo", "--out", "{tmp}/g"],
+     ["sft", "--out", "{tmp}/s"], ["distill", "--out", "{tmp}/d", "--teacher", "data/tiny-model"]],
+)  # fmt: skip
+@pytest.mark.parametrize("spelling", ["True", "true", "1", "yes"])
+def test_set_means_the_same_in_every_command(argv, spelling, tmp_path, monkeypatch):
+    """--set fp8=True gives the boolean True to every command's model config (it once gave the string 'True')."""
+    import workbench.rl.base as rl_base
+    from workbench.config import ModelConfig
+
+    seen = []
+    real_preset = ModelConfig.from_preset.__func__
+
+    def capture_preset(cls, name, **overrides):
+        seen.append(overrides)
+        raise _Captured
+
+    def capture_rl(preset, **overrides):
+        seen.append(overrides)
+        raise _Captured
+
+    monkeypatch.setattr(ModelConfig, "from_preset", classmethod(capture_preset))
+    monkeypatch.setattr(rl_base, "rl_model_config", capture_rl)
+    root = Path(__file__).resolve().parent.parent
+    args = [
+        a.replace("{tmp}", str(tmp_path)).replace("data/tiny-model", str(root / "data" / "tiny-model")) for a in argv
+    ]
+    with pytest.raises(_Captured):
+        main([*args, "--set", f"fp8={spelling}", "--device", "cpu"] if args[0] != "info" else
+             [*args, "--set", f"fp8={spelling}"])  # fmt: skip
+    assert seen and seen[-1]["fp8"] is True
+    assert real_preset(ModelConfig, "tiny", **seen[-1]).fp8 is True

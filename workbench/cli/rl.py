@@ -1,68 +1,55 @@
 """The R1 commands: ``grpo``, ``sft`` and ``distill`` (registered on ``python -m workbench``).
 
-``add_subcommands(subparsers)`` adds the three subcommands to an ``argparse`` sub-parser set; each
-subcommand's ``func`` returns an exit status. Every run writes into ``--out``: ``metrics.jsonl`` (one
-JSON line per step), ``model/`` (a Hugging Face folder) and ``report.json`` (held-out accuracy before
-and after, and the settings).
+Every run writes into ``--out``: ``metrics.jsonl`` (one JSON line per step), its checkpoints (resumable
+with ``--resume``), ``model/`` (a Hugging Face folder) and ``report.json`` (held-out accuracy before and
+after, and the settings). A folder that holds a run is refused unless ``--resume`` or ``--overwrite``.
+Each command's settings are its config's fields (``GRPOConfig``, ``SFTConfig``, ``DistillConfig``), one
+flag each; the held-out evaluation is ``HeldOut``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_FMT = argparse.RawDescriptionHelpFormatter
+from workbench.cli.args import add_config_flags, config_from_args, given_fields, parse_sets
+from workbench.cli.common import FORMATTER, add_run_flags, claim_out, load_model, write_report
 
 
-def _model_dir(path: str) -> Path:
-    """A Hugging Face folder, or a run folder holding one as ``model/`` or ``checkpoint/model``."""
-    p = Path(path)
-    for cand in (p, p / "model", p / "checkpoint" / "model"):
-        if (cand / "config.json").exists():
-            return cand
-    raise FileNotFoundError(f"no model at {path!r} (looked for config.json in it, model/ and checkpoint/model/)")
+@dataclass
+class HeldOut:
+    """How every command measures a model: the same held-out problems before and after."""
+
+    eval_problems: int = 128  # held-out (test split) problems evaluated
+    eval_samples: int = 4  # samples per held-out problem (pass@1 is their mean accuracy)
+    eval_temperature: float = 1.0  # sampling temperature of evaluation; 0 = greedy
+    max_new_tokens: int = 48  # completion budget in tokens
 
 
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+@dataclass
+class Base:
+    """A base model pre-trained here when no model is given: the R1-Zero starting point."""
 
-
-def _write_report(out: Path, report: dict[str, Any]) -> None:
-    from workbench.io.files import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    preset: str = "tiny"  # model preset of the base (tiny, small, gpu; without MTP)
+    base_steps: int = 600  # pre-training steps of the base
+    think_fraction: float = 0.5  # share of the base corpus written with <think> reasoning; the rest answers directly
 
 
 def _summary(ev: dict[str, Any]) -> str:
     return f"accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f}, length {ev['length']:.1f}"
 
 
-def _held_out_evaluator(args: argparse.Namespace, task, tok):
-    """``ev(model)``: the held-out evaluation every command reports, with the command's sampling flags."""
+def _held_out_evaluator(args: argparse.Namespace, task, tok, seed: int):
     from workbench.rl.rollout import held_out_evaluator
 
-    return held_out_evaluator(
-        task,
-        tok,
-        args.eval_problems,
-        seed=args.seed,
-        n_samples=args.eval_samples,
-        temperature=args.eval_temperature,
-        max_new_tokens=args.max_new_tokens,
-    )
+    h = config_from_args(HeldOut, args)
+    return held_out_evaluator(task, tok, h.eval_problems, seed=seed, n_samples=h.eval_samples,
+                              temperature=h.eval_temperature, max_new_tokens=h.max_new_tokens)  # fmt: skip
 
 
 def _print_before_after(out: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -71,116 +58,63 @@ def _print_before_after(out: Path, before: dict[str, Any], after: dict[str, Any]
     print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
 
 
-def _load_or_pretrain(args: argparse.Namespace, task, out: Path, what: str = "base"):
-    """The model to start from: ``--checkpoint``, or a base pre-trained now (saved to OUT/base)."""
-    from workbench.io.hf import load_hf, save_hf
+def _starting_model(args: argparse.Namespace, task, out: Path, plan: str, cfg, what: str = "base"):
+    """The model a run starts from: ``--checkpoint``; or, resuming, the base it pre-trained (OUT/<what>);
+    or a base pre-trained now and saved to OUT/<what>."""
+    from workbench.config import ModelConfig
+    from workbench.io.hf import save_hf
     from workbench.rl.base import pretrain_base, rl_model_config
     from workbench.train import TrainConfig
     from workbench.util import resolve_device
 
     if getattr(args, "checkpoint", None):
-        return load_hf(_model_dir(args.checkpoint), device=resolve_device(args.device))
-    config = rl_model_config(args.preset, **_parse_sets(args.set))
-    tc = TrainConfig(
-        steps=args.base_steps,
-        batch_size=32,
-        seq_len=64,
-        lr=3e-3,
-        warmup_steps=min(30, args.base_steps // 10),
-        eval_every=0,
-        seed=args.seed,
-        device=args.device,
-    )
-    print(f"pre-training a {args.preset} {what} on the {task.name} corpus ({args.base_steps} steps) ...")
-    result = pretrain_base(task, config, tc, think_fraction=args.think_fraction, progress=not args.no_progress)
-    save_hf(result.model.cpu(), out / what)
-    return result.model.to(resolve_device(args.device))
+        return load_model(args.checkpoint, cfg.device)
+    if plan == "resume" and (out / what / "config.json").is_file():
+        return load_model(out / what, cfg.device)
+    base = config_from_args(Base, args)
+    config = rl_model_config(base.preset, **parse_sets(args.set, ModelConfig))
+    warmup = min(30, base.base_steps // 10)
+    tc = TrainConfig(steps=base.base_steps, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=warmup, eval_every=0,
+                     seed=cfg.seed, device=cfg.device)  # fmt: skip
+    print(f"pre-training a {base.preset} {what} on the {task.name} corpus ({base.base_steps} steps) ...")
+    result = pretrain_base(task, config, tc, think_fraction=base.think_fraction, progress=not args.no_progress)
+    save_hf(result.model.cpu(), out / what, overwrite=True)  # inside the run folder claimed for this run
+    return result.model.to(resolve_device(cfg.device))
 
 
-def _add_common(p: argparse.ArgumentParser, *, base: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, config_cls: type, *, base: bool = True, held_out: bool = True) -> None:
     from workbench.tasks import TASKS
 
     tasks = ", ".join(f"{name} ({t.description})" for name, t in TASKS.items())
     p.add_argument("--task", default="add", choices=list(TASKS), help=f"the task: {tasks} (default: add)")
-    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, model/, report.json")
+    add_run_flags(p)
     if base:
-        p.add_argument(
-            "--preset", default="tiny", help="model preset of a base pre-trained here (default: tiny, without MTP)"
-        )
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="FIELD=VALUE",
-            help="override a ModelConfig field of a base pre-trained here (repeatable)",
-        )
-        p.add_argument(
-            "--base-steps", type=int, default=600, help="pre-training steps of a base made here (default: 600)"
-        )
-        p.add_argument(
-            "--think-fraction",
-            type=float,
-            default=0.5,
-            help="fraction of the base corpus written with <think> reasoning; the rest answers directly (default: 0.5)",
-        )
-    p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget in tokens (default: 48)")
-    p.add_argument("--eval-problems", type=int, default=128, help="held-out problems evaluated (default: 128)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem (default: 4)")
-    p.add_argument(
-        "--eval-temperature",
-        type=float,
-        default=1.0,
-        help="sampling temperature of evaluation; 0 = greedy (default: 1)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        add_config_flags(p, Base, title="the base pre-trained here when no model is given")
+        p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="a ModelConfig field of a base pre-trained here (repeatable)")  # fmt: skip
+    exclude = tuple(f.name for f in dataclasses.fields(HeldOut)) if held_out else ()
+    add_config_flags(p, config_cls, title=f"settings ({config_cls.__name__})", exclude=exclude)
+    if held_out:
+        add_config_flags(p, HeldOut, title="held-out evaluation")
 
 
 # ---- grpo ---------------------------------------------------------------------------------------
 def cmd_grpo(args: argparse.Namespace) -> int:
     from workbench.io.hf import save_hf
-    from workbench.io.tokenizer import load_tokenizer
     from workbench.rl.grpo import GRPOConfig, grpo_train
     from workbench.tasks import get_task
 
     task = get_task(args.task)
+    cfg = GRPOConfig.variant(args.variant, **given_fields(GRPOConfig, args))
     out = Path(args.out)
-    overrides = {
-        "steps": args.steps,
-        "prompts_per_step": args.prompts_per_step,
-        "group_size": args.group_size,
-        "inner_steps": args.inner_steps,
-        "lr": args.lr,
-        "accuracy_weight": args.accuracy_weight,
-        "format_weight": args.format_weight,
-        "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens,
-        "eval_every": args.eval_every,
-        "eval_problems": args.eval_problems,
-        "eval_samples": args.eval_samples,
-        "eval_temperature": args.eval_temperature,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    for name in ("beta", "clip_eps", "clip_eps_high", "loss_agg"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.scale_rewards is not None:
-        overrides["scale_rewards"] = args.scale_rewards
-    if args.drop_uniform_groups is not None:
-        overrides["drop_uniform_groups"] = args.drop_uniform_groups
-    cfg = GRPOConfig.variant(args.variant, **overrides)
-    model = _load_or_pretrain(args, task, out)
-    result = grpo_train(model, task, cfg, tokenizer=load_tokenizer(), out_dir=out, progress=not args.no_progress)
-    save_hf(result.model.cpu(), out / "model")
-    report = {
-        "task": task.name,
-        "variant": args.variant,
-        "before": result.before,
-        "after": result.after,
-        "config": dataclasses.asdict(cfg),
-    }
-    _write_report(out, report)
+    plan = claim_out(args, "grpo")
+    model = _starting_model(args, task, out, plan, cfg)
+    result = grpo_train(model, task, cfg, out_dir=out, progress=not args.no_progress, resume=plan == "resume",
+                        overwrite=plan == "fresh" or plan == "replace")  # fmt: skip
+    save_hf(result.model.cpu(), out / "model", overwrite=True)
+    report = {"task": task.name, "variant": args.variant, "before": result.before, "after": result.after,
+              "config": dataclasses.asdict(cfg)}  # fmt: skip
+    write_report(out, report)
     _print_before_after(out, result.before, result.after)
     return 0
 
@@ -188,165 +122,118 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 # ---- sft ----------------------------------------------------------------------------------------
 def cmd_sft(args: argparse.Namespace) -> int:
     from workbench.io.hf import save_hf
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
     from workbench.tasks import get_task
 
     task = get_task(args.task)
-    tok = load_tokenizer()
-    out = Path(args.out)
+    cfg = config_from_args(SFTConfig, args)
     if args.data == "rejection" and not args.checkpoint:
         raise ValueError("--data rejection samples from a model: give it with --checkpoint")
-    model = _load_or_pretrain(args, task, out)
-    ev = _held_out_evaluator(args, task, tok)
+    out = Path(args.out)
+    plan = claim_out(args, "sft")
+    model = _starting_model(args, task, out, plan, cfg)
+    tok = tokenizer_of(model)
+    ev = _held_out_evaluator(args, task, tok, cfg.seed)
     before = ev(model)
     extra: dict[str, Any] = {}
     if args.data == "traces":
-        pairs = cold_start_pairs(task, args.n_examples, seed=args.seed)
+        pairs = cold_start_pairs(task, args.n_examples, seed=cfg.seed)
     else:
-        examples = task.sample(args.n_examples, seed=args.seed, split="train")
-        pairs, stats = rejection_sample(
-            model,
-            task,
-            examples,
-            tokenizer=tok,
-            n_samples=args.samples_per_prompt,
-            keep_per_prompt=args.keep_per_prompt,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        examples = task.sample(args.n_examples, seed=cfg.seed, split="train")
+        pairs, stats = rejection_sample(model, task, examples, tokenizer=tok, n_samples=args.samples_per_prompt,
+                                        keep_per_prompt=args.keep_per_prompt,
+                                        max_new_tokens=config_from_args(HeldOut, args).max_new_tokens,
+                                        seed=cfg.seed)  # fmt: skip
         extra["rejection_sampling"] = stats
-        print(
-            f"rejection sampling: kept {len(pairs)} verified completions "
-            f"({stats['acceptance_rate']:.1%} of samples, {stats['problems_solved']:.1%} of problems)"
-        )
+        print(f"rejection sampling: kept {len(pairs)} verified completions "
+              f"({stats['acceptance_rate']:.1%} of samples, {stats['problems_solved']:.1%} of problems)")  # fmt: skip
         if not pairs:
             raise ValueError("no sample passed the verifier; nothing to fine-tune on")
-    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
-    sft_train(model, pairs, cfg, tokenizer=tok, out_dir=out, progress=not args.no_progress)
+    sft_train(model, pairs, cfg, tokenizer=tok, out_dir=out, progress=not args.no_progress,
+              resume=plan == "resume", overwrite=plan != "resume")  # fmt: skip
     after = ev(model)
-    save_hf(model.cpu(), out / "model")
-    _write_report(
-        out,
-        {
-            "task": task.name,
-            "data": args.data,
-            "pairs": len(pairs),
-            "before": before,
-            "after": after,
-            **extra,
-            "config": dataclasses.asdict(cfg),
-        },
-    )
+    save_hf(model.cpu(), out / "model", overwrite=True)
+    write_report(out, {"task": task.name, "data": args.data, "pairs": len(pairs), "before": before, "after": after,
+                       **extra, "config": dataclasses.asdict(cfg)})  # fmt: skip
     _print_before_after(out, before, after)
     return 0
 
 
 # ---- distill ------------------------------------------------------------------------------------
 def cmd_distill(args: argparse.Namespace) -> int:
-    import copy
-
-    from workbench.io.hf import load_hf, save_hf
-    from workbench.io.tokenizer import load_tokenizer
+    from workbench.atomic import atomic_write_text
+    from workbench.io.hf import save_hf
+    from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.distill import DistillConfig, compare_students, logit_distill, teacher_traces
     from workbench.rl.grpo import GRPOConfig
     from workbench.rl.sft import SFTConfig, sft_train
     from workbench.tasks import get_task
-    from workbench.util import resolve_device
 
     task = get_task(args.task)
-    tok = load_tokenizer()
+    cfg = config_from_args(DistillConfig, args)
+    if args.mode == "compare" and args.resume:
+        raise ValueError("--mode compare trains three students in one go and cannot be resumed; run it again")
     out = Path(args.out)
-    device = resolve_device(args.device)
-    teacher = load_hf(_model_dir(args.teacher), device=device)
+    teacher = load_model(args.teacher, cfg.device)
+    plan = claim_out(args, "distill")
     if args.student:
-        student = load_hf(_model_dir(args.student), device=device)
+        student = load_model(args.student, cfg.device)
     else:
         args.checkpoint = None
-        student = _load_or_pretrain(args, task, out, what="student_base")
+        student = _starting_model(args, task, out, plan, cfg, what="student_base")
+    tok = tokenizer_of(teacher)
 
     if args.mode == "compare":
-        report = compare_students(
-            teacher,
-            student,
-            task,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            n_prompts=args.n_prompts,
-            grpo=GRPOConfig(max_new_tokens=args.max_new_tokens, device=args.device),
-            eval_problems=args.eval_problems,
-            eval_samples=args.eval_samples,
-            eval_temperature=args.eval_temperature,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            tokenizer=tok,
-            progress=not args.no_progress,
-        )
+        h = config_from_args(HeldOut, args)
+        report = compare_students(teacher, student, task, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                  n_prompts=args.n_prompts, grpo=GRPOConfig(max_new_tokens=h.max_new_tokens,
+                                  device=cfg.device), eval_problems=h.eval_problems, eval_samples=h.eval_samples,
+                                  eval_temperature=h.eval_temperature, max_new_tokens=h.max_new_tokens,
+                                  seed=cfg.seed, tokenizer=tok, progress=not args.no_progress)  # fmt: skip
         metrics = report.pop("metrics")
         for name, rows in metrics.items():
-            (out / name).mkdir(parents=True, exist_ok=True)
-            (out / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        _write_report(out, {"task": task.name, "mode": "compare", **report})
+            atomic_write_text(out / name / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_report(out, {"task": task.name, "mode": "compare", **report})
         for name in ("teacher", "student_base", "sequence_distill", "logit_distill", "rl_only"):
             print(f"{name:>17}: {_summary(report[name])}")
         print(f"report: {out / 'report.json'}")
         return 0
 
-    ev = _held_out_evaluator(args, task, tok)
+    ev = _held_out_evaluator(args, task, tok, cfg.seed)
     before = ev(student)
-    pairs, stats = teacher_traces(
-        teacher, task, args.n_prompts, tokenizer=tok, max_new_tokens=args.max_new_tokens, seed=args.seed
-    )
+    h = config_from_args(HeldOut, args)
+    pairs, stats = teacher_traces(teacher, task, args.n_prompts, tokenizer=tok, max_new_tokens=h.max_new_tokens,
+                                  seed=cfg.seed)  # fmt: skip
     print(f"teacher traces: {len(pairs)} verified ({stats['acceptance_rate']:.1%} of samples)")
     if not pairs:
         raise ValueError("the teacher solved none of the training problems; train a stronger teacher")
     student = copy.deepcopy(student)
+    run = {"out_dir": out, "progress": not args.no_progress, "resume": plan == "resume", "overwrite": plan != "resume"}
     if args.mode == "sequence":
-        cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
-        sft_train(student, pairs, cfg, tokenizer=tok, out_dir=out, progress=not args.no_progress, desc="seq-distill")
+        sft_cfg = SFTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)})
+        sft_train(student, pairs, sft_cfg, tokenizer=tok, desc="seq-distill", **run)
     else:
-        cfg = DistillConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            temperature=args.temperature,
-            ce_weight=args.ce_weight,
-            seed=args.seed,
-            device=args.device,
-        )
-        logit_distill(student, teacher, pairs, cfg, tokenizer=tok, out_dir=out, progress=not args.no_progress)
+        logit_distill(student, teacher, pairs, cfg, tokenizer=tok, **run)
     after = ev(student)
-    save_hf(student.cpu(), out / "model")
-    _write_report(
-        out,
-        {
-            "task": task.name,
-            "mode": args.mode,
-            "teacher_traces": stats,
-            "before": before,
-            "after": after,
-            "config": dataclasses.asdict(cfg),
-        },
-    )
+    save_hf(student.cpu(), out / "model", overwrite=True)
+    write_report(out, {"task": task.name, "mode": args.mode, "teacher_traces": stats, "before": before,
+                       "after": after, "config": dataclasses.asdict(cfg)})  # fmt: skip
     _print_before_after(out, before, after)
     return 0
 
 
 # ---- registration -------------------------------------------------------------------------------
-def _bool_flag(p: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
-    dest = name.replace("-", "_")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_on)
-    g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
-
-
 def add_subcommands(subparsers) -> None:
     """Register ``grpo``, ``sft`` and ``distill`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    from workbench.rl.distill import DistillConfig
+    from workbench.rl.grpo import VARIANTS, GRPOConfig
+    from workbench.rl.sft import SFTConfig
+
     g = subparsers.add_parser(
         "grpo",
         help="reinforcement learning with GRPO and rule-based rewards (R1-Zero)",
-        formatter_class=_FMT,
+        formatter_class=FORMATTER,
         description=(
             "Train a model on a verifiable task with GRPO: sample --group-size completions per prompt, reward each\n"
             "with rule-based accuracy and format rewards, use the group as the baseline (advantage = reward minus\n"
@@ -361,37 +248,15 @@ def add_subcommands(subparsers) -> None:
         ),
         epilog="example: python -m workbench grpo --task add --out runs/r1zero --steps 60",
     )
-    _add_common(g)
     g.add_argument("--checkpoint", help="start from this Hugging Face folder or run folder instead of a new base")
-    g.add_argument(
-        "--variant", default="grpo", choices=["grpo", "dr_grpo", "dapo"], help="which paper's switches (default: grpo)"
-    )
-    g.add_argument("--steps", type=int, default=60, help="rollout batches (default: 60)")
-    g.add_argument("--prompts-per-step", type=int, default=8, help="prompts per batch (default: 8)")
-    g.add_argument("--group-size", type=int, default=8, help="G, completions per prompt (default: 8)")
-    g.add_argument("--inner-steps", type=int, default=2, help="mu, optimiser steps per batch (default: 2)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate, constant (default: 1e-3)")
-    g.add_argument("--beta", type=float, help="KL weight (default: 0.04; dapo: 0)")
-    g.add_argument("--clip-eps", type=float, help="lower clip range eps_low (default: 0.2)")
-    g.add_argument("--clip-eps-high", type=float, help="upper clip range eps_high (default: eps_low; dapo: 0.28)")
-    g.add_argument(
-        "--loss-agg",
-        choices=["sequence", "token", "constant"],
-        help="loss averaging: per sequence then batch (grpo), over all tokens (dapo), "
-        "sum / (rows * max-new-tokens) (dr_grpo)",
-    )
-    _bool_flag(g, "scale-rewards", "divide advantages by the group std (grpo, dapo)", "do not (dr_grpo)")
-    _bool_flag(g, "drop-uniform-groups", "no loss on groups whose rewards are all equal (dapo)", "keep them")
-    g.add_argument("--accuracy-weight", type=float, default=1.0, help="weight of the accuracy reward (default: 1)")
-    g.add_argument("--format-weight", type=float, default=0.5, help="weight of the format reward (default: 0.5)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts (default: 1)")
-    g.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
+    g.add_argument("--variant", default="grpo", choices=list(VARIANTS), help="which paper's switches (default: grpo)")
+    _add_common(g, GRPOConfig, held_out=False)
     g.set_defaults(func=cmd_grpo)
 
     s = subparsers.add_parser(
         "sft",
         help="supervised fine-tuning on reasoning traces: cold start, or rejection sampling",
-        formatter_class=_FMT,
+        formatter_class=FORMATTER,
         description=(
             "Fine-tune on (prompt, completion) pairs with the loss on the completion only.\n"
             "--data traces: R1's cold start: --n-examples worked traces <think>...</think><answer>...</answer>\n"
@@ -406,28 +271,20 @@ def add_subcommands(subparsers) -> None:
             "         python -m workbench sft --task add --data rejection --checkpoint runs/r1/model --out runs/rs"
         ),
     )
-    _add_common(s)
     s.add_argument("--checkpoint", help="the model to fine-tune (and to sample from, with --data rejection)")
     s.add_argument("--data", choices=["traces", "rejection"], default="traces", help="what to fine-tune on")
     s.add_argument("--n-examples", type=int, default=256, help="training problems used (default: 256)")
-    s.add_argument(
-        "--samples-per-prompt", type=int, default=4, help="rejection sampling: samples per problem (default: 4)"
-    )
-    s.add_argument(
-        "--keep-per-prompt",
-        type=int,
-        default=1,
-        help="rejection sampling: verified samples kept per problem (default: 1)",
-    )
-    s.add_argument("--steps", type=int, default=150, help="optimiser steps (default: 150)")
-    s.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
-    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    s.add_argument("--samples-per-prompt", type=int, default=4, help="rejection sampling: samples per problem "
+                   "(default: 4)")  # fmt: skip
+    s.add_argument("--keep-per-prompt", type=int, default=1, help="rejection sampling: verified samples kept per "
+                   "problem (default: 1)")  # fmt: skip
+    _add_common(s, SFTConfig)
     s.set_defaults(func=cmd_sft)
 
     d = subparsers.add_parser(
         "distill",
         help="distil a teacher's verified reasoning into a smaller student",
-        formatter_class=_FMT,
+        formatter_class=FORMATTER,
         description=(
             "Distillation from --teacher into a student (--student, or a base of --preset pre-trained here).\n"
             "--mode sequence: SFT of the student on the teacher's verified traces (what DeepSeek-R1 did).\n"
@@ -441,17 +298,12 @@ def add_subcommands(subparsers) -> None:
             "--set hidden_size=64 --mode compare --out runs/distill"
         ),
     )
-    _add_common(d)
     d.add_argument("--teacher", required=True, help="the teacher: a Hugging Face folder or run folder")
     d.add_argument("--student", help="the student base (default: pre-train one here with --preset/--set)")
     d.add_argument("--mode", choices=["sequence", "logits", "compare"], default="compare", help="(default: compare)")
     d.add_argument("--n-prompts", type=int, default=1024, help="training problems the teacher solves (default: 1024)")
-    d.add_argument("--steps", type=int, default=150, help="optimiser steps of each student (default: 150)")
-    d.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
-    d.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    d.add_argument("--temperature", type=float, default=1.0, help="logits mode: softening temperature tau (default: 1)")
-    d.add_argument("--ce-weight", type=float, default=0.0, help="logits mode: weight of cross-entropy (default: 0)")
+    _add_common(d, DistillConfig)
     d.set_defaults(func=cmd_distill)
 
 
-__all__ = ["add_subcommands", "cmd_distill", "cmd_grpo", "cmd_sft"]
+__all__ = ["Base", "HeldOut", "add_subcommands"]
