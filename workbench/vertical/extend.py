@@ -84,6 +84,7 @@ from workbench.config import ConfigError
 from workbench.io.files import CheckpointError, atomic_write_json, read_json
 from workbench.model import Model
 from workbench.model.moe import GrowthLayout, MoE
+from workbench.util import eval_mode
 
 INITS = ("copy", "average", "random")
 DORMANT_MARGIN = 2.0  # dormant bias = min(old biases) - this; sigmoid affinities differ by less than 1
@@ -156,10 +157,8 @@ class AddedExperts:
 @torch.no_grad()
 def _expert_usage(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per MoE layer: how many routed slots each expert got on token ids (B, T)."""
-    was = model.training
-    model.eval()
-    out = model(ids.to(model.device), compute_mtp=len(model.mtp) > 0)
-    model.train(was)
+    with eval_mode(model):
+        out = model(ids.to(model.device), compute_mtp=len(model.mtp) > 0)
     return {s.layer_idx: s.counts.float().cpu() for s in out.routing}
 
 
@@ -261,14 +260,12 @@ def _router_inputs(model: Model, ids: torch.Tensor, layers: Sequence[int]) -> di
         moes[i].gate.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args[0].detach()))
         for i in layers
     ]
-    was = model.training
-    model.eval()
     try:
-        model(ids.to(model.device), compute_mtp=any(i >= model.config.num_hidden_layers for i in layers))
+        with eval_mode(model):
+            model(ids.to(model.device), compute_mtp=any(i >= model.config.num_hidden_layers for i in layers))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return captured
 
 
@@ -611,10 +608,8 @@ def completion_loss(model: Model, task, n_problems: int = 64, *, tokenizer=None,
     tok = tokenizer_of(model, tokenizer)
     pairs = [(task.prompt(ex), task.trace(ex)) for ex in task.sample(n_problems, seed=0, split=split)]
     ids, labels = sft_batch(tok, pairs)
-    was = model.training
-    model.eval()
-    loss = float(model(ids.to(model.device), labels=labels.to(model.device), compute_mtp=False).main_loss)
-    model.train(was)
+    with eval_mode(model):
+        loss = float(model(ids.to(model.device), labels=labels.to(model.device), compute_mtp=False).main_loss)
     return loss
 
 
