@@ -83,6 +83,8 @@ class ModelConfig:
     attn_mode: str = "naive"  # "naive" or "absorb"
     use_grouped_mm: bool = True  # one grouped_mm call for all experts where the kernel runs (CUDA bf16, CPU fp32)
     fp8: bool = False  # FP8 GEMMs in every Linear (not embedding, head, norms, router) and routed expert
+    fp8_backend: str = "auto"  # "auto" (scaled_mm on Hopper, else simulated), "simulate" or "scaled_mm"
+    fp8_grad_format: str = "e4m3"  # dY in both backward GEMMs: "e4m3" (DeepSeek-V3) or "e5m2" (hybrid recipe)
     # experts that exist in a layer's tensors but are never routed to, by MoE layer index (a grown model's
     # layers that did not get live new experts; see ``Model.grow_experts``); None: every expert is active
     inactive_experts: dict[int, list[int]] | None = None
@@ -223,6 +225,14 @@ class ModelConfig:
             f"attn_mode must be 'naive' or 'absorb', got {self.attn_mode!r}",
         )
         need(isinstance(self.fp8, bool), f"fp8 must be True or False, got {self.fp8!r}")
+        need(
+            self.fp8_backend in ("auto", "simulate", "scaled_mm"),
+            f"fp8_backend must be 'auto', 'simulate' or 'scaled_mm', got {self.fp8_backend!r}",
+        )
+        need(
+            self.fp8_grad_format in ("e4m3", "e5m2"),
+            f"fp8_grad_format must be 'e4m3' or 'e5m2', got {self.fp8_grad_format!r}",
+        )
         for layer, ids in (self.inactive_experts or {}).items():
             moe_layer = self.is_moe_layer(layer) and layer < self.num_hidden_layers + self.num_nextn_predict_layers
             need(moe_layer, f"inactive_experts names layer {layer}, which is not a MoE layer of this config")
@@ -347,6 +357,8 @@ _TRAINING_KNOBS = (
     "attn_mode",
     "use_grouped_mm",
     "fp8",
+    "fp8_backend",
+    "fp8_grad_format",
     "inactive_experts",
 )
 

@@ -90,7 +90,8 @@ class Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
         if config.fp8:
-            convert_to_fp8(self)  # Linear -> FP8Linear sharing its weight; keeps embedding, head, norms, router
+            # Linear -> FP8Linear sharing its weight; keeps embedding, head, norms, router in high precision
+            convert_to_fp8(self, grad_fmt=config.fp8_grad_format, backend=config.fp8_backend)
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -40,6 +40,7 @@ With ``config.fp8`` that loop runs each expert's three GEMMs through ``fp8.fp8_l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,7 @@ class RoutedExperts(nn.Module):
         self.n_experts = E
         self.use_grouped_mm = config.use_grouped_mm
         self.fp8 = config.fp8
+        self.fp8_options = {"grad_fmt": config.fp8_grad_format, "backend": config.fp8_backend}
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))  # expert e: Linear(D -> I) weights
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))  # Linear(I -> D)
@@ -215,7 +217,8 @@ class RoutedExperts(nn.Module):
             )  # (N*k, I)
             ys = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N*k, D)
         else:
-            linear = fp8_linear if self.fp8 else F.linear  # FP8: quantised operands, see workbench.fp8
+            # FP8: quantised operands, see workbench.fp8
+            linear = functools.partial(fp8_linear, **self.fp8_options) if self.fp8 else F.linear
             outs = []
             for e, xe in enumerate(xs.split(counts.tolist())):  # a loop over experts, not tokens
                 if xe.shape[0] == 0:
