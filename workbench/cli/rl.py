@@ -63,8 +63,7 @@ def _starting_model(args: argparse.Namespace, task, out: Path, plan: str, cfg, w
     or a base pre-trained now and saved to OUT/<what>."""
     from workbench.config import ModelConfig
     from workbench.io.hf import save_hf
-    from workbench.rl.base import pretrain_base, rl_model_config
-    from workbench.train import TrainConfig
+    from workbench.rl.base import base_train_config, pretrain_base, rl_model_config
     from workbench.util import resolve_device
 
     if getattr(args, "checkpoint", None):
@@ -73,9 +72,7 @@ def _starting_model(args: argparse.Namespace, task, out: Path, plan: str, cfg, w
         return load_model(out / what, cfg.device)
     base = config_from_args(Base, args)
     config = rl_model_config(base.preset, **parse_sets(args.set, ModelConfig))
-    warmup = min(30, base.base_steps // 10)
-    tc = TrainConfig(steps=base.base_steps, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=warmup, eval_every=0,
-                     seed=cfg.seed, device=cfg.device)  # fmt: skip
+    tc = base_train_config(base.base_steps, seed=cfg.seed, device=cfg.device)
     print(f"pre-training a {base.preset} {what} on the {task.name} corpus ({base.base_steps} steps) ...")
     result = pretrain_base(task, config, tc, think_fraction=base.think_fraction, progress=not args.no_progress)
     save_hf(result.model.cpu(), out / what, overwrite=True)  # inside the run folder claimed for this run

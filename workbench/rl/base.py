@@ -56,6 +56,14 @@ def base_documents(task: Task, n_docs: int, seed: int = 0, think_fraction: float
     return docs
 
 
+def base_train_config(steps: int = 300, *, seed: int = 0, device: str = "auto") -> TrainConfig:
+    """The base's pre-training recipe, in one place: ``steps`` of 32 windows of 64 tokens at lr 3e-3, with
+    a warmup of min(30, steps / 10), no evaluation."""
+    warmup = min(30, steps // 10)
+    return TrainConfig(steps=steps, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=warmup, eval_every=0, seed=seed,
+                       device=device)  # fmt: skip
+
+
 def pretrain_base(
     task: Task,
     model_config: ModelConfig | None = None,
@@ -73,11 +81,11 @@ def pretrain_base(
     """
     tok = tokenizer or load_tokenizer()
     model_config = model_config or rl_model_config()
-    tc = tc or TrainConfig(steps=300, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=30, eval_every=0)
+    tc = tc or base_train_config()
     tc = replace(tc)  # never mutate the caller's config
     docs = base_documents(task, n_docs, seed=tc.data_seed, think_fraction=think_fraction)
     dataset = TokenDataset.from_documents(docs, tok, val_fraction=0.1, seed=tc.data_seed)
     return train(model_config, tc, out_dir, dataset=dataset, progress=progress)
 
 
-__all__ = ["base_documents", "pretrain_base", "rl_model_config"]
+__all__ = ["base_documents", "base_train_config", "pretrain_base", "rl_model_config"]

@@ -26,13 +26,12 @@ from typing import Any
 
 from workbench.io.tokenizer import Tokenizer, load_tokenizer
 from workbench.model import Model
-from workbench.rl.base import pretrain_base, rl_model_config
+from workbench.rl.base import base_train_config, pretrain_base, rl_model_config
 from workbench.rl.distill import compare_students
 from workbench.rl.grpo import GRPOConfig, grpo_train
 from workbench.rl.rollout import held_out_evaluator
 from workbench.rl.sft import SFTConfig, cold_start_pairs, rejection_sample, sft_train
 from workbench.tasks import Task
-from workbench.train import TrainConfig
 
 
 @dataclass
@@ -100,7 +99,7 @@ def make_base(
     """Pre-train the R1-Zero base (or, with ``student``, the smaller student base) for ``task``."""
     s = get_scale(scale)
     config = rl_model_config(s.preset, **(s.student_overrides if student else {}))
-    tc = TrainConfig(steps=s.base_steps, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=30, eval_every=0, seed=seed)
+    tc = base_train_config(s.base_steps, seed=seed)
     return pretrain_base(task, config, tc, think_fraction=s.think_fraction, progress=progress).model
 
 

@@ -4,18 +4,18 @@ from workbench.train.pretrain import (
     TrainConfig,
     TrainResult,
     default_dataset,
-    evaluate,
     lr_at,
     make_optimizer,
     read_metrics,
     train,
+    validation_loss,
 )
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
     "default_dataset",
-    "evaluate",
+    "validation_loss",
     "lr_at",
     "make_optimizer",
     "read_metrics",

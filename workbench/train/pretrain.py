@@ -77,7 +77,7 @@ def default_dataset(tc: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model: Model, dataset, tc: TrainConfig) -> float:
+def validation_loss(model: Model, dataset, tc: TrainConfig) -> float:
     """Mean next-token loss over fixed validation windows."""
     losses = []
     with eval_mode(model):
@@ -158,7 +158,7 @@ def train(
         tc,
         LMTrainer(dataset, tc),
         out_dir=out_dir,
-        evaluate=lambda m: {"loss": evaluate(m, dataset, tc)},
+        evaluate=lambda m: {"loss": validation_loss(m, dataset, tc)},
         resume=resume,
         overwrite=overwrite,
         stop_at=stop_at,
@@ -174,7 +174,7 @@ __all__ = [
     "TrainResult",
     "check_vocabulary",
     "default_dataset",
-    "evaluate",
+    "validation_loss",
     "lr_at",
     "make_optimizer",
     "read_metrics",
