@@ -149,11 +149,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_train(sub) -> None:
     from workbench.train import TrainConfig
-
-    p = argparse.ArgumentParser(prog="python -m workbench", description=__doc__, formatter_class=FORMATTER)
-    sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
         "train",
@@ -178,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t, TrainConfig, title="training (TrainConfig)")
     t.set_defaults(func=cmd_train)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser(
         "generate",
         help="continue a prompt",
@@ -198,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_info(sub) -> None:
     i = sub.add_parser(
         "info",
         help="parameters, KV cache and FLOPs",
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--context", type=int, default=None, help="context length for attention FLOPs")
     i.set_defaults(func=cmd_info)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser(
         "demo",
         help="the end-to-end tour on the tiny model",
@@ -225,12 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
 
-    from workbench.cli.rl import add_subcommands  # R1: grpo, sft, distill
-    from workbench.cli.vertical import add_subcommand as add_vertical
 
-    add_subcommands(sub)
-    add_vertical(sub)
-
+def _add_ask(sub) -> None:
     a = sub.add_parser(
         "ask",
         help="run a prompt set and print the model's thinking and answer",
@@ -252,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     a.set_defaults(func=cmd_ask)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workbench", description=__doc__, formatter_class=FORMATTER)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from workbench.cli.rl import add_subcommands as add_rl  # grpo, sft, distill
+    from workbench.cli.vertical import add_subcommand as add_vertical
+
+    for add in (_add_train, _add_generate, _add_info, _add_demo, add_rl, add_vertical, _add_ask):
+        add(sub)
     return p
 
 
