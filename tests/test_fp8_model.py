@@ -192,3 +192,14 @@ def test_top1_agreement_takes_plain_logit_models_and_refuses_bad_batches():
         fp8.top1_agreement(Bigram(table), Bigram(table), [])
     with pytest.raises(ValueError, match=r"seq_len >= 2"):
         fp8.top1_agreement(Bigram(table), Bigram(table), [torch.tensor([1, 2, 3])])
+
+
+def test_fp8_backend_and_gradient_format_come_from_the_config():
+    config = ModelConfig.from_preset("tiny", fp8=True, fp8_grad_format="e5m2", fp8_backend="simulate")
+    model = Model(config)
+    linears = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert linears and all(m.grad_fmt == "e5m2" and m.backend == "simulate" for m in linears)
+    experts = [m for m in model.modules() if isinstance(m, moe.RoutedExperts)]
+    assert all(e.fp8_options == {"grad_fmt": "e5m2", "backend": "simulate"} for e in experts)
+    with pytest.raises(ValueError, match="fp8_backend"):
+        ModelConfig.from_preset("tiny", fp8_backend="cuda")
