@@ -34,10 +34,18 @@ def run_demo(
     out = Path(out)
     report: dict = {}
     config = ModelConfig.from_preset(preset)
-    v3 = ModelConfig.from_preset("deepseek-v3")
+    _the_model(report, preset, config)
+    model, dataset, usage_init = _training(report, out, preset, config, steps, device, progress)
+    _per_domain(report, model, dataset, usage_init)
+    _generation(report, model, dataset)
+    atomic_write_json(out / "report.json", report)
+    print(f"report: {out / 'report.json'}\nmetrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint'}")
+    return report
 
+
+def _the_model(report: dict, preset: str, config: ModelConfig) -> None:
     print("== 1. The model")
-    for name, cfg in ((preset, config), ("deepseek-v3", v3)):
+    for name, cfg in ((preset, config), ("deepseek-v3", ModelConfig.from_preset("deepseek-v3"))):
         counts = count_params(cfg)
         kv = kv_cache_bytes_per_token(cfg)
         report[f"params_{name}"] = {k: counts[k] for k in ("total", "active", "mtp")}
@@ -49,6 +57,8 @@ def run_demo(
             f"MHA {kv['mha']:,} B ({kv['mha'] / kv['mla']:.1f}x smaller)"
         )
 
+
+def _training(report: dict, out: Path, preset: str, config: ModelConfig, steps: int, device: str, progress: bool):
     print(f"== 2. Training the {preset} model for {steps} steps")
     tc = TrainConfig(steps=steps, device=device, eval_every=max(1, steps // 5))
     dataset = default_dataset(tc)
@@ -73,7 +83,10 @@ def run_demo(
         f"loss {first['main_loss']:.3f} -> {last['main_loss']:.3f} (validation {last.get('eval_loss', 0):.3f}) "
         f"in {seconds:.0f}s; routing MaxVio {first.get('max_vio', 0):.2f} -> {last.get('max_vio', 0):.2f}"
     )
+    return model, dataset, usage_init
 
+
+def _per_domain(report: dict, model: Model, dataset, usage_init: torch.Tensor) -> None:
     print("== 3. Validation loss per domain")
     per_domain = loss_by_domain(model, dataset)
     report["loss_by_domain"] = per_domain
@@ -94,10 +107,12 @@ def run_demo(
             f"favourite expert per domain {tops}"
         )
 
-    print("== 5. Generation with the latent cache, and MTP speculative decoding")
-    from workbench.io.tokenizer import load_tokenizer
 
-    tok = load_tokenizer()
+def _generation(report: dict, model: Model, dataset) -> None:
+    print("== 5. Generation with the latent cache, and MTP speculative decoding")
+    from workbench.io.tokenizer import tokenizer_of
+
+    tok = tokenizer_of(model)
     generator = torch.Generator().manual_seed(1)
     samples, greedy_s, spec_s, drafted, accepted, forwards, new_tokens = {}, 0.0, 0.0, 0, 0, 0, 0
     for domain in dataset.domains:
@@ -128,9 +143,6 @@ def run_demo(
         f"forward; wall time {sp['greedy_seconds']:.2f}s greedy vs {sp['speculative_seconds']:.2f}s speculative "
         f"({sp['speedup']:.2f}x); outputs identical"
     )
-    atomic_write_json(out / "report.json", report)
-    print(f"report: {out / 'report.json'}\nmetrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint'}")
-    return report
 
 
 def _copy(model: Model) -> Model:
