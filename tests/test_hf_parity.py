@@ -132,12 +132,16 @@ def _assert_parity(ours: Model, theirs: DeepseekV3ForCausalLM, seed: int) -> dic
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_their_checkpoint_loads_with_same_logits(name, tmp_path):
-    config = _config(name)
+    """transformers' own folder, as save_pretrained writes it (config.json says num_nextn_predict_layers=1,
+    no MTP tensors), loads with the default call: the main model exactly, the MTP module dropped."""
+    config = _config(name, num_nextn_predict_layers=1)
     seed = sorted(CONFIGS).index(name)
     theirs = _hf_model(config, seed)
     theirs.save_pretrained(tmp_path)
-    ours = load_hf(tmp_path)
-    assert ours.config == config.replace(attn_mode=ours.config.attn_mode)
+    with pytest.warns(UserWarning, match="holds no tensor of the MTP layers") as caught:
+        ours = load_hf(tmp_path)
+    assert sum("MTP" in str(w.message) for w in caught) == 1  # one clear warning
+    assert ours.config == config.replace(attn_mode=ours.config.attn_mode, num_nextn_predict_layers=0)
     assert any(r.e_score_correction_bias.abs().sum() > 0 for r in ours.routers())
     _assert_parity(ours, theirs, seed)
 
@@ -175,19 +179,25 @@ def test_routing_bias_matters():
     assert (_their_logits(theirs, ids) - before).abs().max() > 10 * TOL
 
 
-def test_their_default_checkpoint_needs_strict_false_for_mtp(tmp_path):
-    """transformers writes num_nextn_predict_layers=1 but no MTP tensors: strict loading says so."""
+def test_their_folder_without_mtp_tensors_drops_or_initialises_mtp(tmp_path):
+    """transformers writes num_nextn_predict_layers=1 but no MTP tensors: dropped by default, fresh modules
+    when asked, a refusal that says what to do when that is asked for."""
     config = _config("groups", num_nextn_predict_layers=1)
     theirs = _hf_model(config, 3)
     theirs.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="num_nextn_predict_layers=1.*strict=False"):
-        load_hf(tmp_path)
-    with pytest.warns(UserWarning, match=r"mtp\.0 \(model\.layers\.3\)"):
-        ours = load_hf(tmp_path, strict=False)
-    assert len(ours.mtp) == 1
-    _assert_parity(ours, theirs, 3)
-    dropped = load_hf(tmp_path, num_nextn_predict_layers=0)
-    assert len(dropped.mtp) == 0
+    with pytest.warns(UserWarning, match=r"model\.layers\.3 although config\.json declares num_nextn_predict_layers=1"):
+        dropped = load_hf(tmp_path)
+    assert len(dropped.mtp) == 0 and dropped.config.num_nextn_predict_layers == 0
+    _assert_parity(dropped, theirs, 3)
+    with pytest.warns(UserWarning, match="keep a fresh initialisation"):
+        fresh = load_hf(tmp_path, missing_mtp="init")
+    assert len(fresh.mtp) == 1
+    assert fresh.mtp[0].eh_proj.weight.std() > 0  # initialised, not left empty
+    _assert_parity(fresh, theirs, 3)
+    with pytest.raises(CheckpointError, match="missing_mtp='drop'"):
+        load_hf(tmp_path, missing_mtp="error")
+    explicit = load_hf(tmp_path, num_nextn_predict_layers=0)  # asked for no MTP: nothing to warn about
+    assert len(explicit.mtp) == 0
 
 
 def test_fused_expert_checkpoint_loads(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class ModelConfig:
     routed_scaling_factor: float = 2.5
     scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
     norm_topk_prob: bool = True  # renormalise the k chosen affinities to sum to one
+    # how experts are chosen: "noaux_tc" (V3: groups scored by the sum of their two best experts),
+    # "group_limited_greedy" (V2: groups scored by their best expert) or "greedy" (V2-Lite: top-k over all experts)
+    topk_method: str = "noaux_tc"  # "noaux_tc" (V3), "group_limited_greedy" (V2) or "greedy" (V2-Lite, no groups)
 
     # ---- Multi-head Latent Attention ------------------------------------------------------------
     num_attention_heads: int = 4
@@ -176,32 +180,37 @@ class ModelConfig:
                 f"num_experts_per_tok={k} must be between 1 and n_routed_experts={E}",
             )
             need(
-                isinstance(self.n_group, int) and self.n_group >= 1,
-                f"n_group must be a positive integer, got {self.n_group!r}; use 1 to disable group-limited routing",
+                self.topk_method in TOPK_METHODS,
+                f"topk_method must be one of {', '.join(TOPK_METHODS)}, got {self.topk_method!r}",
             )
             need(
-                E % self.n_group == 0,
-                f"n_routed_experts={E} is not divisible by n_group={self.n_group}; choose n_group among "
-                f"{[g for g in range(1, E + 1) if E % g == 0]}",
+                isinstance(self.n_group, int) and self.n_group >= 1,
+                f"n_group must be a positive integer, got {self.n_group!r}; use 1 to disable group-limited routing",
             )
             need(
                 isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
                 f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}",
             )
-            per_group = E // self.n_group
-            allowed = per_group * self.topk_group
-            need(
-                k <= allowed,
-                f"num_experts_per_tok={k} is larger than the experts the groups allow: topk_group="
-                f"{self.topk_group} groups x {per_group} experts per group = {allowed}; raise topk_group "
-                f"to at least {math.ceil(k / per_group)} or lower num_experts_per_tok to {allowed}",
-            )
-            if self.n_group > 1:
+            if self.topk_method != "greedy":  # greedy ignores the groups
                 need(
-                    per_group >= 2,
-                    f"group scores sum each group's top-2 experts, so each group needs at least 2 experts "
-                    f"(n_routed_experts / n_group = {per_group}); lower n_group",
+                    E % self.n_group == 0,
+                    f"n_routed_experts={E} is not divisible by n_group={self.n_group}; choose n_group among "
+                    f"{[g for g in range(1, E + 1) if E % g == 0]}",
                 )
+                per_group = E // self.n_group
+                allowed = per_group * self.topk_group
+                need(
+                    k <= allowed,
+                    f"num_experts_per_tok={k} is larger than the experts the groups allow: topk_group="
+                    f"{self.topk_group} groups x {per_group} experts per group = {allowed}; raise topk_group "
+                    f"to at least {math.ceil(k / per_group)} or lower num_experts_per_tok to {allowed}",
+                )
+                if self.n_group > 1 and self.topk_method == "noaux_tc":
+                    need(
+                        per_group >= 2,
+                        f"group scores sum each group's top-2 experts, so each group needs at least 2 experts "
+                        f"(n_routed_experts / n_group = {per_group}); lower n_group",
+                    )
             need(
                 self.scoring_func in ("sigmoid", "softmax"),
                 f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}",
@@ -280,31 +289,43 @@ class ModelConfig:
 
     # Hugging Face config.json --------------------------------------------------------------------
     def to_hf(self) -> dict[str, Any]:
-        """A ``config.json`` dict that transformers' DeepseekV3Config reads (architecture fields only,
-        plus our training knobs under ``workbench``)."""
+        """A ``config.json`` dict that transformers reads (architecture fields, plus our training knobs under
+        ``workbench``): ``DeepseekV3Config`` for V3's routing (``noaux_tc``), ``DeepseekV2Config`` for V2's."""
         d = asdict(self)
         knobs = {name: d.pop(name) for name in _TRAINING_KNOBS}
+        v2 = self.topk_method in _V2_METHODS
         hf: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
+            "architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v2" if v2 else "deepseek_v3",
             **d,
             "hidden_act": "silu",
             "num_key_value_heads": self.num_attention_heads,
-            "topk_method": "noaux_tc",
             "moe_layer_freq": 1,
             "attention_bias": False,
             "attention_dropout": 0.0,
-            "rope_interleave": True,
             "bos_token_id": 0,
             "eos_token_id": 1,
             "dtype": "float32",  # transformers 5's name for the old "torch_dtype"
             "workbench": knobs,
         }
+        if v2:
+            hf["mlp_bias"] = False
+        else:
+            hf["rope_interleave"] = True  # DeepSeek's interleaved rope layout (transformers de-interleaves on the fly)
         return hf
 
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Read a Hugging Face ``config.json`` (a path to the file or its folder, or the dict)."""
+        """Read a Hugging Face ``config.json`` (a path to the file or its folder, or the dict).
+
+        Every field is honoured or refused: the architecture and routing fields map onto ours (with the
+        defaults of the config's ``model_type`` where a field is left out); a field that would change the
+        computation and that this model does not implement (``hidden_act`` other than silu, attention or MLP
+        biases, ``moe_layer_freq`` > 1, an unknown ``topk_method`` or rope scaling type, ...) raises
+        ``ConfigError`` naming it; fields that do not change the forward pass (training loss weights,
+        parallelism, bookkeeping; ``HF_IGNORED_FIELDS``) are ignored, with one ``ConfigNote`` warning listing
+        those whose value could make a reader wonder.
+        """
         if isinstance(source, dict):
             hf = dict(source)
         else:
@@ -317,30 +338,18 @@ class ModelConfig:
                 hf = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        model_type = hf.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-            raise ConfigError(f"model_type {model_type!r} is not a DeepSeek-V3-style model")
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in hf.items() if k in names and k not in _TRAINING_KNOBS}
-        # transformers 5 writes rope settings as rope_parameters; DeepSeek's files use rope_theta/rope_scaling
-        rp = hf.get("rope_parameters")
-        if isinstance(rp, dict):
-            if "rope_theta" in rp:
-                values["rope_theta"] = rp["rope_theta"]
-            kind = rp.get("rope_type", rp.get("type", "default"))
-            if kind not in ("default", None):
-                # back to DeepSeek's legacy rope_scaling form: {"type": ..., factor, ...}
-                scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type", "type")}
-                values["rope_scaling"] = {"type": kind, **scaling}
-        if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-            values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-        for key in ("n_group", "topk_group"):
-            if values.get(key) is None:
-                values[key] = 1
-        if values.get("first_k_dense_replace") is None:
-            values["first_k_dense_replace"] = 0
-        knobs = hf.get("workbench") or {}
-        values.update({k: v for k, v in knobs.items() if k in _TRAINING_KNOBS})
+            if not isinstance(hf, dict):
+                raise ConfigError(f"{path} must hold a JSON object, got {type(hf).__name__}")
+        values, notes = _read_hf_fields(hf)
+        if notes:
+            warnings.warn(
+                "config.json fields ignored because they do not change the forward pass: " + "; ".join(notes),
+                ConfigNote,
+                stacklevel=2,
+            )
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {sorted(unknown)}; see ModelConfig for the names")
         values.update(overrides)
         return cls(**values)
 
@@ -361,6 +370,213 @@ _TRAINING_KNOBS = (
     "fp8_grad_format",
     "inactive_experts",
 )
+
+
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+_V2_METHODS = ("group_limited_greedy", "greedy")
+HF_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+
+
+class ConfigNote(UserWarning):
+    """A note from ``ModelConfig.from_hf``: config.json fields that were ignored because they do not change
+    the forward pass (training loss weights, parallelism)."""
+
+
+# What a routing field means when config.json leaves it out: the defaults of the model type's configuration
+# class (DeepSeek's and transformers' DeepseekV2Config / DeepseekV3Config agree on these).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                        routed_scaling_factor=2.5, num_nextn_predict_layers=1),
+    "deepseek_v2": dict(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+                        routed_scaling_factor=1.0, num_nextn_predict_layers=0),
+}  # fmt: skip
+_HF_DEFAULTS["kimi_k2"] = _HF_DEFAULTS["deepseek_v3"]
+
+# Fields every config.json of a DeepSeek model lists: without them the shapes are unknown.
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "intermediate_size",
+)
+
+# Fields that do not change the forward pass, and why. Those with a value in ``_NEUTRAL`` pass silently,
+# the others are listed in the one ConfigNote.
+HF_IGNORED_FIELDS: dict[str, str] = {
+    "aux_loss_alpha": "weight of V2's auxiliary balance loss, a training term",
+    "seq_aux": "whether V2's balance loss is taken per sequence, a training term",
+    "router_aux_loss_coef": "weight of an auxiliary balance loss, a training term",
+    "output_router_logits": "whether transformers returns router logits",
+    "ep_size": "expert-parallel world size of DeepSeek's training code",
+    "pretraining_tp": "tensor-parallel slicing of the linear layers, the same products",
+    "attention_dropout": "dropout, inactive at inference",
+    "num_key_value_heads": "MLA has one latent per token, not key/value heads",
+    "head_dim": "transformers' name for qk_rope_head_dim",
+    "qk_head_dim": "qk_nope_head_dim + qk_rope_head_dim",
+    "use_cache": "a generation default",
+    "initializer_std": "initialisation of fresh weights",
+}
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "ep_size": (1,),
+    "pretraining_tp": (1, None),
+    "attention_dropout": (0, 0.0, None),
+    "output_router_logits": (False, None),
+    "use_cache": (True, False, None),
+}
+# Bookkeeping: names, versions, token ids, dtypes, remote code; never part of the computation.
+_HF_BOOKKEEPING = frozenset(
+    {
+        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
+        "name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "quantization_config", "id2label",
+        "label2id", "return_dict", "output_hidden_states", "output_attentions", "tokenizer_class", "workbench",
+        "rope_interleave", "num_mtp_layers", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+        "tie_encoder_decoder", "torchscript", "use_bfloat16", "prefix", "task_specific_params",
+    }
+)  # fmt: skip
+# Fields that would change the computation: honoured only with the value this model implements.
+_HF_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "hidden_act": (("silu", None), "the experts and MLPs here are SwiGLU (silu)"),
+    "attention_bias": ((False, None), "MLA here has no bias terms"),
+    "mlp_bias": ((False, None), "the MLPs and experts here have no bias terms"),
+    "moe_layer_freq": ((1, None), "every layer from first_k_dense_replace on is a MoE layer here (as in every "
+                       "published DeepSeek checkpoint)"),
+    "rope_interleave": ((True, None), "the rope weights must be in DeepSeek's interleaved layout"),
+}  # fmt: skip
+_YARN_KEYS = frozenset(
+    {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+     "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor", "rope_theta"}
+)  # fmt: skip
+
+
+def _read_hf_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ModelConfig values a config.json describes and the notes on fields it ignores; refuses with one
+    ConfigError that lists every field it cannot honour."""
+    model_type = hf.get("model_type", "deepseek_v3")
+    if model_type not in HF_MODEL_TYPES:
+        raise ConfigError(
+            f"model_type {model_type!r} is not a DeepSeek-V3-style model; this workbench reads "
+            f"{', '.join(HF_MODEL_TYPES)}"
+        )
+    ours = {f.name for f in fields(ModelConfig)} - set(_TRAINING_KNOBS)
+    problems: list[str] = []
+    notes: list[str] = []
+    unknown: list[str] = []
+
+    absent = [name for name in _HF_REQUIRED if name not in hf]
+    if absent:
+        problems.append(f"it lacks {', '.join(absent)} (every published DeepSeek config.json lists them)")
+    values: dict[str, Any] = {k: v for k, v in hf.items() if k in ours}
+    for key, default in _HF_DEFAULTS[model_type].items():
+        if hf.get(key) is None:
+            values[key] = default
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    for key, default in (("n_group", 1), ("topk_group", 1), ("first_k_dense_replace", 0), ("n_shared_experts", 0)):
+        if values.get(key) is None:  # null: no groups / no dense layers / no shared experts
+            values[key] = default
+    if "n_routed_experts" in hf and hf["n_routed_experts"] is None:
+        problems.append("n_routed_experts is null (a dense model); this workbench models DeepSeekMoE")
+
+    for key, (allowed, why) in _HF_FIXED.items():
+        if key in hf and hf[key] not in allowed:
+            problems.append(f"{key}={hf[key]!r} is not implemented ({why}); it would change the outputs")
+    method = values.get("topk_method")
+    if method not in TOPK_METHODS:
+        problems.append(f"topk_method={method!r} is not implemented; known: {', '.join(TOPK_METHODS)}")
+    if model_type == "deepseek_v2" and values.get("norm_topk_prob") and values.get("routed_scaling_factor", 1) != 1:
+        problems.append(
+            "norm_topk_prob=true with routed_scaling_factor != 1 in a deepseek_v2 config: DeepSeek's V2 code then "
+            "normalises the gate weights without scaling them, transformers scales them without normalising; the "
+            "two disagree, so the intended computation is unknown"
+        )
+    rope = _read_rope(hf, problems)
+    values.update(rope)
+
+    for key, value in hf.items():
+        if key in ours or key in _HF_BOOKKEEPING or key in _HF_FIXED or key in ("rope_parameters", "rope_scaling"):
+            continue
+        if key in HF_IGNORED_FIELDS:
+            if not _is_neutral(key, value, hf):
+                notes.append(f"{key}={value!r} ({HF_IGNORED_FIELDS[key]})")
+        else:
+            unknown.append(key)
+    if unknown:
+        notes.append(
+            f"{', '.join(sorted(unknown))} (not a field of any DeepSeek config this workbench knows; check that "
+            "they do not change the model)"
+        )
+    if problems:
+        raise ConfigError("config.json cannot be honoured:\n" + "\n".join(f"  {p}" for p in problems))
+    knobs = hf.get("workbench") or {}
+    if not isinstance(knobs, dict):
+        raise ConfigError(f"config.json 'workbench' must be a JSON object of training knobs, got {knobs!r}")
+    values.update({k: v for k, v in knobs.items() if k in _TRAINING_KNOBS})
+    return values, notes
+
+
+def _is_neutral(key: str, value: Any, hf: dict[str, Any]) -> bool:
+    """Whether an ignored field holds the value that means "nothing to say" (no note needed)."""
+    derived = {
+        "num_key_value_heads": hf.get("num_attention_heads"),
+        "head_dim": hf.get("qk_rope_head_dim"),
+        "qk_head_dim": (hf.get("qk_nope_head_dim") or 0) + (hf.get("qk_rope_head_dim") or 0),
+    }
+    if key in derived:
+        return value is None or value == derived[key]
+    return any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL.get(key, ()))
+
+
+def _read_rope(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """rope_theta and rope_scaling from DeepSeek's legacy fields or transformers 5's ``rope_parameters``."""
+    out: dict[str, Any] = {}
+    rp = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    if isinstance(rp, dict):
+        if "rope_theta" in rp:
+            out["rope_theta"] = rp["rope_theta"]
+        scaling = rp
+    elif rp is not None:
+        problems.append(f"rope_parameters must be a JSON object, got {rp!r}")
+    if scaling is None:
+        out["rope_scaling"] = None
+        return out
+    if not isinstance(scaling, dict):
+        problems.append(f"rope_scaling must be a JSON object or null, got {scaling!r}")
+        return out
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        out["rope_scaling"] = None
+        return out
+    if kind != "yarn":
+        problems.append(
+            f"rope scaling type {kind!r} is not implemented (every published DeepSeek checkpoint uses 'yarn'); "
+            "implemented: yarn and none ('default')"
+        )
+        return out
+    extra = sorted(set(scaling) - _YARN_KEYS)
+    if extra:
+        problems.append(f"yarn rope scaling has keys this workbench does not implement: {', '.join(extra)}")
+    if scaling.get("truncate", True) is not True:
+        problems.append("yarn with truncate=false is not implemented (DeepSeek's yarn rounds the correction range)")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial_rotary_factor != 1 is not implemented (MLA rotates all qk_rope_head_dim dims)")
+    if scaling.get("factor") is None:
+        problems.append("yarn rope scaling needs 'factor'")
+    out["rope_scaling"] = {
+        "type": "yarn",
+        **{k: v for k, v in scaling.items() if k not in ("rope_theta", "rope_type", "type", "truncate")},
+    }
+    return out
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -468,4 +684,4 @@ _PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
-__all__ = ["ConfigError", "ModelConfig"]
+__all__ = ["HF_IGNORED_FIELDS", "TOPK_METHODS", "ConfigError", "ConfigNote", "ModelConfig"]

@@ -1,15 +1,22 @@
-"""The economics of a DeepSeek-V3-style model: parameters (total vs active), KV cache bytes, FLOPs.
+"""The economics of a DeepSeek-V3-style model: parameters (total vs active), bytes, KV cache, FLOPs.
 
-Everything here is *counted*, not estimated from formulas typed by hand: ``count_params`` builds the
-real ``Model`` on PyTorch's ``meta`` device (shapes without memory, so the 671B model costs nothing)
-and sums the tensors, split by role. A token activates every parameter except the routed experts
-it was not sent to, so
+``count_params`` counts every weight tensor the model holds, by role, in closed form from the config:
+summing shapes needs no model, so the 671B model (or a config with two million layers) costs nothing
+and answers at once. ``count_params_meta`` counts the same by building the real ``Model`` on PyTorch's
+``meta`` device (shapes without memory) and summing its tensors; the tests check that the two agree on
+many configs, so the formulas below cannot drift from the model. A token activates every parameter
+except the routed experts it was not sent to, so
 
     active = total - n_moe_layers * (n_routed_experts - num_experts_per_tok) * params_per_expert
 
 For the ``deepseek-v3`` preset this gives 671.0e9 total and about 37e9 active (DeepSeek reports
 671B and 37B); the MTP module adds about 11.5e9 of its own (14B in DeepSeek's count, which includes
 the copies of the embedding and the output head stored with it).
+
+``model_bytes`` turns the count into memory (weights in a dtype, plus the float32 balancing bias and
+rotary tables), and ``check_fits`` refuses, before anything is allocated, a model that the device's
+free memory cannot hold: ``Model(config)`` and ``load_hf`` call it, so a config that is too big fails
+at once with its size, the memory there is and the ways out, instead of swapping the machine to a halt.
 
 KV cache per token: multi-head attention keeps a key and a value per head per layer; grouped-query
 attention (GQA) shares them among groups of heads, multi-query (MQA) keeps one; MLA keeps the latent
@@ -23,37 +30,89 @@ softmax) is left out, as is usual.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from workbench.config import ModelConfig
-from workbench.model.model import Model
+from workbench.config import ConfigError, ModelConfig
+
+_ROLES = ("embedding", "lm_head", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "norms")
 
 
-def _build_meta(config: ModelConfig) -> Model:
-    with torch.device("meta"):
-        return Model(config)
+class ModelTooLarge(ConfigError):
+    """A model whose weights do not fit the memory available on the device; the message says what fits."""
+
+
+def _layer_params(config: ModelConfig, layer_idx: int) -> dict[str, int]:
+    """Parameters of one decoder layer (``layers.i`` or an MTP module's block), by role."""
+    c = config
+    D, H = c.hidden_size, c.num_attention_heads
+    out = dict.fromkeys(_ROLES, 0)
+    if c.q_lora_rank is None:
+        out["attention"] += D * H * c.qk_head_dim  # q_proj
+    else:
+        out["attention"] += D * c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim  # q_a_proj, q_b_proj
+        out["norms"] += c.q_lora_rank  # q_a_layernorm
+    out["attention"] += D * (c.kv_lora_rank + c.qk_rope_head_dim)  # kv_a_proj_with_mqa
+    out["attention"] += c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)  # kv_b_proj
+    out["attention"] += H * c.v_head_dim * D  # o_proj
+    out["norms"] += c.kv_lora_rank + 2 * D  # kv_a_layernorm, input_layernorm, post_attention_layernorm
+    if c.is_moe_layer(layer_idx):
+        E, I = c.n_routed_experts, c.moe_intermediate_size
+        out["router"] += E * D
+        out["routed_experts"] += 3 * E * D * I  # gate, up (I, D) and down (D, I) per expert
+        if c.n_shared_experts > 0:
+            out["shared_experts"] += 3 * D * I * c.n_shared_experts
+    else:
+        out["dense_mlp"] += 3 * D * c.intermediate_size
+    return out
 
 
 def count_params(config: ModelConfig) -> dict[str, Any]:
-    """Parameter counts by role, computed on the meta device.
+    """Parameter counts by role, in closed form from the config (no model is built).
 
     Returns ``total`` (main model, without MTP), ``active`` (per token), ``mtp`` (the MTP modules'
     own parameters; the embedding and head they share are not counted again) and a ``breakdown``.
     """
-    model = _build_meta(config)
-    seen: set[int] = set()
-    breakdown: dict[str, int] = {
-        "embedding": 0,
-        "lm_head": 0,
-        "attention": 0,
-        "dense_mlp": 0,
-        "shared_experts": 0,
-        "routed_experts": 0,
-        "router": 0,
-        "norms": 0,
+    c = config
+    D, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
+    breakdown = dict.fromkeys(_ROLES, 0)
+    breakdown["embedding"] = V * D
+    breakdown["lm_head"] = 0 if c.tie_word_embeddings else V * D  # tied: the same tensor, counted once
+    breakdown["norms"] = D  # the final norm
+    n_dense = min(c.first_k_dense_replace, L)
+    # layers come in two kinds (dense, MoE): count one of each and multiply, so huge configs cost nothing
+    for first, n in ((0, n_dense), (n_dense, L - n_dense)):
+        if n > 0:
+            for role, k in _layer_params(c, first).items():
+                breakdown[role] += n * k
+    mtp = 0
+    for depth in range(c.num_nextn_predict_layers):
+        mtp += sum(_layer_params(c, L + depth).values()) + 2 * D * D + 3 * D  # eh_proj; enorm, hnorm, head norm
+    total = sum(breakdown.values())
+    per_expert = 3 * D * c.moe_intermediate_size
+    inactive = c.n_moe_layers * (c.n_routed_experts - c.num_experts_per_tok) * per_expert
+    return {
+        "total": total,
+        "active": total - inactive,
+        "mtp": mtp,
+        "params_per_expert": per_expert,
+        "breakdown": breakdown,
     }
+
+
+def count_params_meta(config: ModelConfig) -> dict[str, Any]:
+    """The same counts as ``count_params``, by building the real ``Model`` on the meta device and summing
+    its tensors by name (the check that the closed form matches the model; slow for huge configs)."""
+    from workbench.model.model import Model
+
+    with torch.device("meta"):
+        model = Model(config)
+    seen: set[int] = set()
+    breakdown = dict.fromkeys(_ROLES, 0)
     mtp = 0
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:  # tied embedding and head count once
@@ -62,8 +121,7 @@ def count_params(config: ModelConfig) -> dict[str, Any]:
         n = p.numel()
         if name.startswith("mtp."):
             mtp += n
-            continue
-        if name.startswith("embed_tokens"):
+        elif name.startswith("embed_tokens"):
             breakdown["embedding"] += n
         elif name.startswith("lm_head"):
             breakdown["lm_head"] += n
@@ -82,13 +140,86 @@ def count_params(config: ModelConfig) -> dict[str, Any]:
     total = sum(breakdown.values())
     per_expert = 3 * config.hidden_size * config.moe_intermediate_size
     inactive = config.n_moe_layers * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
-    return {
-        "total": total,
-        "active": total - inactive,
-        "mtp": mtp,
-        "params_per_expert": per_expert,
-        "breakdown": breakdown,
-    }
+    return {"total": total, "active": total - inactive, "mtp": mtp, "params_per_expert": per_expert,
+            "breakdown": breakdown}  # fmt: skip
+
+
+def model_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32, *, include_mtp: bool = True) -> int:
+    """Bytes a ``Model(config)`` holds with its parameters in ``dtype``: the weights, the float32 balancing
+    bias of every router, the routers' bool masks and the float32 rotary tables."""
+    counts = count_params(config)
+    params = counts["total"] + (counts["mtp"] if include_mtp else 0)
+    size = torch.empty((), dtype=dtype).element_size()
+    routers = config.n_moe_layers
+    if include_mtp:
+        L = config.num_hidden_layers
+        routers += sum(config.is_moe_layer(L + d) for d in range(config.num_nextn_predict_layers))
+    buffers = routers * config.n_routed_experts * (4 + 1)  # e_score_correction_bias (fp32) + active (bool)
+    buffers += 2 * config.max_position_embeddings * (config.qk_rope_head_dim // 2) * 4  # rope cos, sin
+    return params * size + buffers
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's available memory (and
+    the cgroup's limit, in a container) for the CPU; None where it cannot be known (the check then passes)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            current = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(max(0, int(limit) - current))
+    if not found and hasattr(os, "sysconf"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(found) if found else None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_fits(
+    config: ModelConfig,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    need: int | None = None,
+    what: str = "this model",
+) -> None:
+    """Refuse (``ModelTooLarge``), before anything is allocated, a model whose weights exceed the memory
+    available on ``device``. need: the bytes to check (default: ``model_bytes(config, dtype)``)."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return
+    need = model_bytes(config, dtype) if need is None else need
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
+    counts = count_params(config)
+    n = counts["total"] + counts["mtp"]
+    raise ModelTooLarge(
+        f"{what} needs {format_bytes(need)} for its weights ({n / 1e9:.2f}B parameters in "
+        f"{str(dtype).removeprefix('torch.')}) but {device} has {format_bytes(free)} available. Count it without "
+        "memory on the meta device (count_params, or `with torch.device('meta'): Model(config)`), use a smaller "
+        "config or a narrower dtype, or run a checkpoint of it one layer at a time "
+        "(workbench.io.layered.LayeredModel, `python -m workbench analyze --layered`)"
+    )
 
 
 def kv_cache_bytes_per_token(

@@ -32,6 +32,7 @@ from torch import nn
 
 from workbench.config import ModelConfig
 from workbench.fp8 import convert_to_fp8
+from workbench.model.accounting import check_fits
 from workbench.model.block import Block
 from workbench.model.layers import RMSNorm
 from workbench.model.mla import KVCache
@@ -68,6 +69,8 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
+        # refuse, before allocating, weights the device cannot hold (the meta device always passes)
+        check_fits(config, torch.get_default_device(), torch.get_default_dtype(), what="Model(config)")
         self.config = config
         # the tokenizer whose ids this model reads (a workbench.io.tokenizer.Tokenizer, or None): set by
         # load_hf from the checkpoint folder and by training from its data; the model itself never uses it
@@ -95,9 +98,11 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, root: nn.Module | None = None) -> None:
+        """Fresh weights (normal with std ``initializer_range``, norms at one, zero bias) for every module
+        inside ``root`` (default: the whole model)."""
         std = self.config.initializer_range
-        for module in self.modules():
+        for module in (self if root is None else root).modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RoutedExperts):

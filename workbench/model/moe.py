@@ -18,6 +18,13 @@ Routing, as DeepSeek-V3 does it (``Router``):
 4. Top-k inside the allowed groups; gate weights are the chosen ``s_i`` renormalised to sum to one
    (``norm_topk_prob``) and multiplied by ``routed_scaling_factor``.
 
+``config.topk_method`` names the selection rule of each published generation: ``"noaux_tc"`` is V3's
+(steps 1-4); DeepSeek-V2 scores a group by its **best** expert instead of its top two
+(``"group_limited_greedy"``, V2-236B with 8 groups of which 3 are kept) or has no groups at all
+(``"greedy"``, V2-Lite), with softmax affinities, no renormalisation and a scaling factor of 16 (V2) or 1
+(V2-Lite). V2 checkpoints carry no balancing bias; the bias is kept here anyway (zero, so the choice is
+exactly V2's) so that the same balancing and growing work on every model.
+
 Balancing (``Router.update_bias``): after each optimiser step, each expert's bias moves by
 ``gamma`` toward balance: ``b_i += gamma * sign(mean_load - load_i)``. Overloaded experts become
 less attractive, idle ones more. No gradient flows through this, so it doesn't fight the language
@@ -81,6 +88,7 @@ class Router(nn.Module):
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
@@ -88,9 +96,14 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         # which experts may be routed to: the config's inactive_experts are never chosen nor balanced (a
         # non-persistent buffer: the state lives in the config, so the weights keep the published layout)
-        active = torch.ones(self.n_experts, dtype=torch.bool)
+        self.register_buffer("active", self.active_mask(config, layer_idx), persistent=False)
+
+    @staticmethod
+    def active_mask(config: ModelConfig, layer_idx: int | None) -> torch.Tensor:
+        """bool (E,): the experts of layer ``layer_idx`` that may be routed to (not in ``inactive_experts``)."""
+        active = torch.ones(config.n_routed_experts, dtype=torch.bool)
         active[(config.inactive_experts or {}).get(layer_idx, [])] = False
-        self.register_buffer("active", active, persistent=False)
+        return active
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities (N, E) in float32 (float64 for a float64 model) for tokens x (N, hidden)."""
@@ -105,9 +118,12 @@ class Router(nn.Module):
         choice = scores + self.e_score_correction_bias  # the bias steers selection only
         if not bool(self.active.all()):
             choice = choice.masked_fill(~self.active, float("-inf"))  # inactive experts are never chosen
-        if self.n_group > 1:
+        if self.n_group > 1 and self.topk_method != "greedy":  # greedy (V2-Lite): no groups
             grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): sum of each group's top-2
+            if self.topk_method == "group_limited_greedy":  # V2: a group is as good as its best expert
+                group_scores = grouped.max(dim=-1).values  # (N, G)
+            else:  # noaux_tc (V3)
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): sum of each group's top-2
             best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
             allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
             choice = grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(N, -1)
