@@ -47,3 +47,93 @@ def test_flops_per_token():
     assert fwd["matmul"] == pytest.approx(2 * (counts["active"] - counts["breakdown"]["embedding"]), rel=1e-3)
     train = flops_per_token(config, context=4096, training=True)
     assert train["total"] == pytest.approx(3 * flops_per_token(config, context=4096)["total"])
+
+
+def _random_configs(n: int, seed: int = 0) -> list[ModelConfig]:
+    """Configs that vary every field the count depends on."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        groups = rng.choice([1, 2, 4])
+        experts = groups * rng.choice([2, 3, 4])
+        layers = rng.randint(1, 5)
+        k = rng.randint(1, min(experts, 4))
+        topk_group = max(1, min(groups, -(-k // (experts // groups))))
+        out.append(
+            ModelConfig(
+                vocab_size=rng.choice([64, 96, 130]),
+                hidden_size=rng.choice([16, 24, 32]),
+                num_hidden_layers=layers,
+                first_k_dense_replace=rng.randint(0, layers),
+                intermediate_size=rng.choice([8, 40]),
+                moe_intermediate_size=rng.choice([4, 12]),
+                n_routed_experts=experts,
+                n_shared_experts=rng.randint(0, 2),
+                num_experts_per_tok=k,
+                n_group=groups,
+                topk_group=topk_group,
+                topk_method=rng.choice(["noaux_tc", "group_limited_greedy", "greedy"])
+                if experts // groups >= 2
+                else "greedy",
+                num_attention_heads=rng.choice([1, 2, 3]),
+                q_lora_rank=rng.choice([None, 8, 20]),
+                kv_lora_rank=rng.choice([4, 12]),
+                qk_nope_head_dim=rng.choice([4, 8]),
+                qk_rope_head_dim=rng.choice([2, 4]),
+                v_head_dim=rng.choice([4, 6]),
+                max_position_embeddings=rng.choice([16, 64]),
+                tie_word_embeddings=rng.random() < 0.3,
+                num_nextn_predict_layers=rng.randint(0, 2),
+                fp8=rng.random() < 0.2,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("config", _random_configs(40), ids=lambda c: f"L{c.num_hidden_layers}E{c.n_routed_experts}")
+def test_closed_form_count_equals_the_meta_device_count(config):
+    from workbench.model.accounting import count_params_meta, model_bytes
+
+    assert count_params(config) == count_params_meta(config)
+    with torch.device("meta"):
+        model = Model(config)
+    seen, params, buffers = set(), 0, 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            if isinstance(t, torch.nn.Parameter):
+                params += t.numel() * 2
+            else:
+                buffers += t.numel() * t.element_size()
+    assert model_bytes(config, torch.bfloat16) == params + buffers
+
+
+def _no_model(monkeypatch):
+    """Make building a Model fail: what follows must count without one."""
+
+    def refuse(self, config):
+        raise AssertionError("a Model was built")
+
+    monkeypatch.setattr(Model, "__init__", refuse)
+
+
+def test_counting_a_huge_config_builds_no_model(monkeypatch):
+    per_moe_layer = (count_params(ModelConfig.from_preset("deepseek-v3", num_hidden_layers=4))["total"]
+                     - count_params(ModelConfig.from_preset("deepseek-v3", num_hidden_layers=3))["total"])  # fmt: skip
+    v3 = count_params(ModelConfig.from_preset("deepseek-v3"))["total"]
+    _no_model(monkeypatch)
+    counts = count_params(ModelConfig.from_preset("deepseek-v3", num_hidden_layers=2_000_000))
+    assert counts["total"] == v3 + (2_000_000 - 61) * per_moe_layer
+
+
+def test_info_on_a_huge_config_builds_no_model(capsys, monkeypatch):
+    import json
+
+    from workbench.cli import main
+
+    _no_model(monkeypatch)
+    assert main(["info", "--preset", "deepseek-v3", "--set", "num_hidden_layers=2000000"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["total"] > 2e16
