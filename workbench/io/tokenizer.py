@@ -27,6 +27,17 @@ lessons. Each is one id (ids 0 to 6 in a tokenizer trained here), and none is ev
 The shipped tokenizer (``data/tokenizer.json``) has 2048 ids and was trained on
 ``generate_corpus(4000, seed=1234)``; ``scripts/make_tokenizer.py`` rebuilds it byte for byte.
 
+Published tokenizers
+--------------------
+DeepSeek's checkpoints ship their own byte-level BPE (128K merges for V3/R1, 100K for V2) as a
+``tokenizer.json`` that ``tokenizers`` reads directly: a sequence of regex splits (digits in runs of at
+most three, CJK runs, words and punctuation) before the byte-level step, and special tokens such as
+``<｜begin▁of▁sentence｜>`` and ``<｜end▁of▁sentence｜>``, which ``tokenizer_config.json`` names as the
+``bos_token`` / ``eos_token`` (as a string or an ``{"content": ...}`` object). ``load_tokenizer_files`` reads
+both, so ``bos_id`` and ``eos_id`` are that tokenizer's own; ``pad_id`` falls back to ``eos_id`` where
+none is named, and tokens such as ``<think>`` exist only if the tokenizer has them (``token_id`` says so).
+The tokenizer config is kept as it was (chat template included) and written back when the model is saved.
+
 A checkpoint carries its tokenizer
 ----------------------------------
 Token ids mean nothing without the tokenizer that made them, so a model folder holds its tokenizer next
@@ -39,8 +50,10 @@ own, else (only for a model that came without one, e.g. built from a config) the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -72,11 +85,34 @@ class Tokenizer:
     ``bos_id``/``eos_id`` where they want them.
     """
 
-    def __init__(self, inner: tokenizers.Tokenizer) -> None:
-        missing = [t for t in SPECIAL_TOKENS if inner.token_to_id(t) is None]
+    def __init__(
+        self,
+        inner: tokenizers.Tokenizer,
+        *,
+        bos: str | None = None,
+        eos: str | None = None,
+        pad: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """inner: the ``tokenizers`` object. bos / eos / pad: the special tokens' strings (default: ours, and
+        then every one of ``SPECIAL_TOKENS`` must exist); a published tokenizer names its own (pad defaults to
+        eos). config: its ``tokenizer_config.json``, kept to be written back with the model."""
+        if bos is None and eos is None:
+            missing = [t for t in SPECIAL_TOKENS if inner.token_to_id(t) is None]
+            if missing:
+                raise ValueError(
+                    f"not a workbench tokenizer: special token(s) {missing} are missing. {REGENERATE_HINT}"
+                )
+            bos, eos, pad = BOS, EOS, PAD
+        if bos is None or eos is None:
+            raise ValueError("name both the bos and the eos token (or neither, for a workbench tokenizer)")
+        pad = eos if pad is None else pad
+        missing = [t for t in dict.fromkeys((bos, eos, pad)) if inner.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"not a workbench tokenizer: special token(s) {missing} are missing. {REGENERATE_HINT}")
+            raise ValueError(f"the tokenizer has no token {missing[0]!r}, which its configuration names as special")
         self.inner = inner
+        self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        self.config = dict(config) if config else None
 
     # ---- encoding and decoding ------------------------------------------------------------------
 
@@ -125,15 +161,20 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.token_id(BOS)
+        return self.token_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
-        return self.token_id(EOS)
+        return self.token_id(self.eos_token)
 
     @property
     def pad_id(self) -> int:
-        return self.token_id(PAD)
+        return self.token_id(self.pad_token)
+
+    @property
+    def is_workbench(self) -> bool:
+        """Whether this is a tokenizer trained here (our special tokens), not a published one."""
+        return self.bos_token == BOS and self.config is None
 
     # ---- files ----------------------------------------------------------------------------------
 
@@ -142,8 +183,8 @@ class Tokenizer:
         atomic_write_bytes(Path(path), self.inner.to_str(pretty=True).encode("utf-8") + b"\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Read a tokenizer saved by `save`."""
+    def load(cls, path: str | Path, **specials: Any) -> Tokenizer:
+        """Read a ``tokenizer.json`` (saved by `save`, or published). specials: see ``__init__``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {str(path)!r}")
@@ -151,13 +192,13 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception for malformed JSON
             raise ValueError(f"{str(path)!r} is not a valid tokenizer file ({err}). {REGENERATE_HINT}") from err
-        return cls(inner)
+        return cls(inner, **specials)
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r} ({self.bos_id}), eos_id={self.eos_id})"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
@@ -191,9 +232,16 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens) into a model folder."""
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens) into a model folder; a published
+    tokenizer's own configuration (chat template included) is written back as it was read."""
     folder = Path(folder)
     tokenizer.save(folder / TOKENIZER_FILE)
+    if tokenizer.config is not None:
+        config = dict(tokenizer.config)
+        if model_max_length is not None:
+            config.setdefault("model_max_length", model_max_length)
+        atomic_write_json(folder / TOKENIZER_CONFIG_FILE, config)
+        return
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -208,13 +256,38 @@ def save_tokenizer_files(tokenizer: Tokenizer, folder: str | Path, model_max_len
 
 
 def load_tokenizer_files(folder: str | Path) -> Tokenizer | None:
-    """The tokenizer a model folder carries (``tokenizer.json``), or None when it has none."""
+    """The tokenizer a model folder carries (``tokenizer.json``, with the special tokens that
+    ``tokenizer_config.json`` names), or None when it has none."""
     path = Path(folder) / TOKENIZER_FILE
     if not path.exists():
         return None
     if not path.is_file():
         raise ValueError(f"{str(path)!r} is not a regular file; a model folder's tokenizer.json must be a file")
-    return Tokenizer.load(path)
+    config_path = Path(folder) / TOKENIZER_CONFIG_FILE
+    config: dict[str, Any] | None = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(config_path)!r} is not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{str(config_path)!r} must hold a JSON object")
+    specials = (
+        {key: _token_text(config, f"{key}_token", config_path) for key in ("bos", "eos", "pad")} if config else {}
+    )
+    if not config or specials.get("bos") in (None, BOS):
+        return Tokenizer.load(path)  # ours (or one that names no special tokens: ours are then required)
+    return Tokenizer.load(path, **specials, config=config)
+
+
+def _token_text(config: dict[str, Any], key: str, where: Path) -> str | None:
+    """A special token as tokenizer_config.json names it: a string, or an AddedToken object."""
+    value = config.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{str(where)!r}: {key} must be a string or an object with 'content', got {value!r}")
 
 
 def tokenizer_of(model, tokenizer: Tokenizer | None = None) -> Tokenizer:
