@@ -10,6 +10,7 @@ Commands:
   distill   a teacher's verified traces (and logits) into a smaller student, with the comparison
   vertical  add experts to a trained MoE and teach only them a new domain (cold start, then GRPO)
   ask       run a prompt set (YAML/JSON) and print the model's thinking and answer
+  analyze   a routing report of any checkpoint (expert load, MaxVio, specialisation), whole or layer by layer
 
 The settings of a run are the fields of its config dataclass (``TrainConfig``, ``GRPOConfig``, ...):
 each is a flag (``--lr``, ``--group-size``) whose help is the field's documentation. ``--set FIELD=VALUE``
@@ -257,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workbench", description=__doc__, formatter_class=FORMATTER)
     sub = p.add_subparsers(dest="command", required=True)
 
+    from workbench.cli.analyze import add_subcommand as add_analyze
     from workbench.cli.rl import add_subcommands as add_rl  # grpo, sft, distill
     from workbench.cli.vertical import add_subcommand as add_vertical
 
-    for add in (_add_train, _add_generate, _add_info, _add_demo, add_rl, add_vertical, _add_ask):
+    for add in (_add_train, _add_generate, _add_info, _add_demo, add_rl, add_vertical, _add_ask, add_analyze):
         add(sub)
     return p
 

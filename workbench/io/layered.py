@@ -157,10 +157,11 @@ def layered_or_whole(path: str | Path, device: str | torch.device = "cpu", *, la
     from workbench.io.hf import load_hf
     from workbench.model.accounting import ModelTooLarge
 
+    progress = options.pop("progress", False)  # a bar for the whole load; a layered pass reads layer by layer
     if layered:
         return LayeredModel(path, device, **options), True
     try:
-        return load_hf(path, device, **options), False
+        return load_hf(path, device, progress=progress, **options), False
     except ModelTooLarge:
         if layered is False:
             raise
