@@ -331,3 +331,20 @@ def test_streaming_load_onto_the_meta_device_is_never_refused(sharded):
     _, path = sharded
     plan = plan_load(path, device="meta")
     assert plan.nbytes > 0
+
+
+@pytest.mark.parametrize("rows", [None, (0, 150), (150, 300), (37, 129)])
+def test_block_row_dequantisation_equals_the_whole_tensor_one(rows):
+    """The streaming fill dequantises one 128-row block at a time (and half of a fused gate_up_proj, whose
+    halves need not fall on block edges); the values are those of fp8.formats.dequantize, exactly."""
+    from workbench.fp8.formats import dequantize
+    from workbench.io.fp8_layout import _quantize_matrices
+    from workbench.io.stream import _dequantize_into
+
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, s = _quantize_matrices(w, (128, 128), pow2_scale=False)
+    expected = dequantize(q, s, (128, 128), torch.bfloat16)
+    r0, r1 = rows or (0, 300)
+    dest = torch.empty(r1 - r0, 200, dtype=torch.bfloat16)
+    _dequantize_into(dest, q, s, (128, 128), rows)
+    assert torch.equal(dest, expected[r0:r1])

@@ -116,7 +116,7 @@ def to_hf_state_dict(model: Model) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     for name, module in model.named_modules():  # an inactive expert's bias is -inf in the file, so that
         active = getattr(module, "active", None)  # transformers and DeepSeek's code never route to it either
-        if isinstance(active, torch.Tensor) and not bool(active.all()):
+        if isinstance(active, torch.Tensor) and not active.is_meta and not bool(active.all()):
             key = f"{name}.{BIAS}"
             sd[key] = sd[key].masked_fill(~active.to(sd[key].device), float("-inf"))
     if config.topk_method != "noaux_tc":

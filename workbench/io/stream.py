@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from workbench.io.files import CheckpointError
-from workbench.io.fp8_layout import _dequantize_matrices, fp8_dequantized_note
+from workbench.io.fp8_layout import fp8_dequantized_note
 from workbench.io.names import BIAS
 from workbench.io.plan import FP8_DTYPES, LoadPlan, Part, Stored, Target
 from workbench.io.tokenizer import load_tokenizer_files
@@ -197,9 +197,12 @@ def _fill(
         for file, items in by_file.items():
             readers.setdefault(file, _Reader(file, chunk_bytes))
             for target, part in items:
-                value = _read_part(plan, part, target.dtype, readers, chunk_bytes)
-                if value.is_floating_point():
-                    problem = _non_finite(value, allow_neg_inf=target.name.endswith(BIAS))
+                dest = state[target.name]
+                dest = dest[part.index] if part.index is not None else dest  # an expert's row of the stack
+                with torch.no_grad():
+                    _write_part(plan, part, dest, readers, chunk_bytes)
+                if dest.is_floating_point():  # checked in its final dtype: an overflow to inf shows too
+                    problem = _non_finite(dest, allow_neg_inf=target.name.endswith(BIAS))
                     if problem:
                         if not allow_bad:
                             raise CheckpointError(
@@ -207,10 +210,6 @@ def _fill(
                                 "nothing was loaded. Pass allow_bad_weights=True to load it anyway"
                             )
                         bad.append(part.stored.name)
-                dest = state[target.name]
-                with torch.no_grad():
-                    (dest[part.index] if part.index is not None else dest).copy_(value)
-                del value
                 if bar is not None:
                     bar.update(part.stored.nbytes)
             readers.pop(file).close()
@@ -222,26 +221,53 @@ def _fill(
     return bad
 
 
-def _read_part(
-    plan: LoadPlan, part: Part, dtype: torch.dtype, readers: dict[Path, _Reader], chunk_bytes: int
-) -> torch.Tensor:
-    """One stored tensor as its target needs it: FP8 dequantised, a fused half cut out."""
+def _write_part(plan: LoadPlan, part: Part, dest: torch.Tensor, readers: dict[Path, _Reader], chunk_bytes: int) -> None:
+    """Copy one stored tensor into ``dest``: FP8 dequantised block row by block row, a fused half cut out."""
     value = readers[part.stored.file].get(part.stored)
-    if part.stored.dtype in FP8_DTYPES:
-        scale_file = part.scale.file
-        reader = readers.get(scale_file) or readers.setdefault(scale_file, _Reader(scale_file, chunk_bytes))
-        scale = reader.get(part.scale)
-        if not torch.isfinite(scale.float()).all():
-            raise CheckpointError(f"checkpoint {plan.folder}: {part.scale.name} holds NaN/inf scales")
-        value = _dequantize_matrices(value, scale, plan.block, dtype)
+    rows = None  # the rows of the stored matrices that dest takes: all, or one half of a fused gate_up_proj
     if part.half is not None:
-        value = value.chunk(2, dim=1)[part.half]  # (E, 2I, D) -> the gate rows or the up rows
-    return value
+        n = value.shape[1] // 2
+        rows = (part.half * n, (part.half + 1) * n)
+    if part.stored.dtype not in FP8_DTYPES:
+        dest.copy_(value if rows is None else value[:, rows[0] : rows[1]])
+        return
+    scale_file = part.scale.file
+    reader = readers.get(scale_file) or readers.setdefault(scale_file, _Reader(scale_file, chunk_bytes))
+    scale = reader.get(part.scale)
+    if not torch.isfinite(scale.float()).all():
+        raise CheckpointError(f"checkpoint {plan.folder}: {part.scale.name} holds NaN/inf scales")
+    if value.dim() == 2:
+        _dequantize_into(dest, value, scale, plan.block, rows)
+    else:  # stacked experts: one scale grid per expert
+        for e in range(value.shape[0]):
+            _dequantize_into(dest[e], value[e], scale[e], plan.block, rows)
 
 
-def _non_finite(t: torch.Tensor, allow_neg_inf: bool) -> str | None:
-    nan = int(torch.isnan(t).sum())
-    inf = int(torch.isposinf(t).sum()) + (0 if allow_neg_inf else int(torch.isneginf(t).sum()))
+def _dequantize_into(
+    dest: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], rows: tuple[int, int] | None
+) -> None:
+    """dest (r1 - r0, cols) = q[r0:r1] * scale_inv expanded over its (br, bc) blocks, one block row at a time,
+    so the float32 temporaries stay at one block row (the same products, element by element, as
+    ``fp8.formats.dequantize``)."""
+    br, bc = block
+    r0, r1 = rows if rows is not None else (0, q.shape[0])
+    cols = q.shape[1]
+    for blk in range(r0 // br, -(-r1 // br)):
+        a, b = max(r0, blk * br), min(r1, (blk + 1) * br)
+        per_col = scale_inv[blk].float().repeat_interleave(bc)[:cols]  # (cols,)
+        dest[a - r0 : b - r0].copy_(q[a:b].float() * per_col)
+
+
+def _non_finite(t: torch.Tensor, allow_neg_inf: bool, chunk: int = 1 << 22) -> str | None:
+    """What is wrong with a tensor's values (NaN, inf; -inf allowed in a router bias), or None. Checked in
+    chunks of ``chunk`` elements: a whole-tensor ``isnan`` on bf16 would allocate several times the tensor."""
+    flat = t.reshape(-1)
+    nan = inf = 0
+    for c in flat.split(chunk):
+        if bool(torch.isfinite(c).all()):
+            continue
+        nan += int(torch.isnan(c).sum())
+        inf += int(torch.isposinf(c).sum()) + (0 if allow_neg_inf else int(torch.isneginf(c).sum()))
     if nan or inf:
         return f"{nan} NaN and {inf} infinite value(s) out of {t.numel()}"
     return None
