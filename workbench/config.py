@@ -23,6 +23,18 @@ Presets:
 
 ``ModelConfig.validate()`` (called on construction) rejects impossible configurations with a message
 that names the field and says how to fix it.
+
+Published configs (``from_hf``): DeepSeek-V3 / R1 (``model_type`` deepseek_v3, also kimi_k2) and V2 /
+V2-Lite (deepseek_v2) read field for field. ``topk_method`` selects the routing rule (V3's ``noaux_tc``,
+V2's ``group_limited_greedy``, V2-Lite's ``greedy``), and a field a V2 file leaves out takes V2's value
+(softmax scoring, no renormalisation, a scaling factor of 1, no MTP), not V3's. A field that would change
+the computation and is not implemented here (another activation, attention or MLP biases,
+``moe_layer_freq`` > 1, a rope scaling type other than YaRN, an unknown routing method) is refused by
+name; fields that do not change the forward pass (``HF_IGNORED_FIELDS``: loss weights, parallelism) are
+ignored with one ``ConfigNote``. Where DeepSeek's V2 code and transformers disagree (``norm_topk_prob``
+with a scaling factor other than 1: one normalises and does not scale, the other scales and does not
+normalise) a published V2 file is refused; our own files (which carry a ``workbench`` block) use V3's
+rule, normalise then scale.
 """
 
 from __future__ import annotations
@@ -493,7 +505,9 @@ def _read_hf_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     method = values.get("topk_method")
     if method not in TOPK_METHODS:
         problems.append(f"topk_method={method!r} is not implemented; known: {', '.join(TOPK_METHODS)}")
-    if model_type == "deepseek_v2" and values.get("norm_topk_prob") and values.get("routed_scaling_factor", 1) != 1:
+    ours_file = isinstance(hf.get("workbench"), dict)  # written by to_hf: the gate weights are normalised, then scaled
+    v2_gates = values.get("norm_topk_prob") and values.get("routed_scaling_factor", 1) != 1
+    if model_type == "deepseek_v2" and v2_gates and not ours_file:
         problems.append(
             "norm_topk_prob=true with routed_scaling_factor != 1 in a deepseek_v2 config: DeepSeek's V2 code then "
             "normalises the gate weights without scaling them, transformers scales them without normalising; the "
