@@ -137,3 +137,18 @@ def test_info_on_a_huge_config_builds_no_model(capsys, monkeypatch):
     assert main(["info", "--preset", "deepseek-v3", "--set", "num_hidden_layers=2000000"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params"]["total"] > 2e16
+
+
+def test_layer_by_layer_bytes_match_what_layered_execution_keeps(tmp_path):
+    from workbench.io.hf import save_hf
+    from workbench.io.layered import LayeredModel
+    from workbench.model.accounting import layered_bytes
+
+    for changes in ({}, {"tie_word_embeddings": True, "first_k_dense_replace": 0}):
+        config = ModelConfig.from_preset("tiny", num_nextn_predict_layers=0, **changes)
+        folder = tmp_path / str(len(changes))
+        save_hf(Model(config), folder)
+        layered = LayeredModel(folder)
+        rope = sum(t.numel() * t.element_size() for t in (layered.model.rope_cos, layered.model.rope_sin))
+        mask = config.n_routed_experts  # a router's bool mask of active experts: computed, not read
+        assert layered_bytes(config, torch.float32) == layered.resident_bytes + rope + mask

@@ -132,13 +132,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from workbench.model.accounting import count_params, flops_per_token, kv_cache_bytes_per_token
+    import torch
+
+    from workbench.model.accounting import (
+        count_params,
+        flops_per_token,
+        kv_cache_bytes_per_token,
+        layered_bytes,
+        model_bytes,
+    )
 
     config = ModelConfig.from_hf(model_dir(args.checkpoint)) if args.checkpoint else model_config_from(args)
     counts = count_params(config)
     kv = kv_cache_bytes_per_token(config)
     flops = flops_per_token(config, context=args.context)
-    report = {"params": counts, "kv_cache_bytes_per_token_bf16": kv, "forward_flops_per_token": flops}
+    weights = {
+        "bfloat16": model_bytes(config, torch.bfloat16),
+        "float32": model_bytes(config, torch.float32),
+        "layer_by_layer_bfloat16": layered_bytes(config, torch.bfloat16),
+    }
+    report = {"params": counts, "weights_bytes": weights, "kv_cache_bytes_per_token_bf16": kv,
+              "forward_flops_per_token": flops}  # fmt: skip
     print(json.dumps(report, indent=2))
     return 0
 

@@ -248,14 +248,17 @@ def _dequantize_into(
 ) -> None:
     """dest (r1 - r0, cols) = q[r0:r1] * scale_inv expanded over its (br, bc) blocks, one block row at a time,
     so the float32 temporaries stay at one block row (the same products, element by element, as
-    ``fp8.formats.dequantize``)."""
+    ``fp8.formats.dequantize``). The 8-bit codes go to dest's device first: on a GPU the products are
+    computed there."""
     br, bc = block
     r0, r1 = rows if rows is not None else (0, q.shape[0])
     cols = q.shape[1]
+    codes = q[r0:r1].to(dest.device)  # rows r0..r1 of q: row r of q is row r - r0 here
+    scale_inv = scale_inv.to(dest.device)
     for blk in range(r0 // br, -(-r1 // br)):
         a, b = max(r0, blk * br), min(r1, (blk + 1) * br)
         per_col = scale_inv[blk].float().repeat_interleave(bc)[:cols]  # (cols,)
-        dest[a - r0 : b - r0].copy_(q[a:b].float() * per_col)
+        dest[a - r0 : b - r0].copy_(codes[a - r0 : b - r0].float() * per_col)
 
 
 def _non_finite(t: torch.Tensor, allow_neg_inf: bool, chunk: int = 1 << 22) -> str | None:

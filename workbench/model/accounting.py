@@ -159,6 +159,22 @@ def model_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32, *, incl
     return params * size + buffers
 
 
+def layered_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes that layer-by-layer execution keeps (``workbench.io.layered``): the embedding, the head and the
+    final norm, the rotary tables, and the largest decoder layer (one at a time)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    D, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    kept = (V * D * (1 if config.tie_word_embeddings else 2) + D) * size
+    kept += 2 * config.max_position_embeddings * (config.qk_rope_head_dim // 2) * 4
+    biggest = 0
+    for i in {0, min(config.first_k_dense_replace, L - 1)}:
+        layer = sum(_layer_params(config, i).values()) * size
+        if config.is_moe_layer(i):
+            layer += config.n_routed_experts * (4 + 1)  # the router's float32 bias and bool mask
+        biggest = max(biggest, layer)
+    return kept + biggest
+
+
 def available_memory(device: torch.device | str) -> int | None:
     """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's available memory (and
     the cgroup's limit, in a container) for the CPU; None where it cannot be known (the check then passes)."""
