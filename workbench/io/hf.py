@@ -52,7 +52,8 @@ in: the bias moves by tiny steps (gamma = 0.001) that bfloat16 could not represe
 API::
 
     save_hf(model, "ckpt", dtype=torch.bfloat16)   # config.json + model.safetensors (or shards)
-    model = load_hf("ckpt")                       # checks every name and shape before copying
+    model = load_hf("ckpt")                       # plans (every name, shape, dtype, size), then streams
+    plan = plan_load("ckpt")                      # the plan alone (workbench.io.plan): nothing allocated
     hf_sd = to_hf_state_dict(model)               # our names -> Hugging Face names
     our_sd = from_hf_state_dict(config, hf_sd)    # and back
 """
