@@ -141,6 +141,30 @@ def test_layer_by_layer_keeps_much_less_than_the_model(sharded):
     assert "resident" in repr(layered)
 
 
+def test_layer_by_layer_with_tied_embeddings_and_v2_routing(tmp_path):
+    model = _model(tie_word_embeddings=True, topk_method="group_limited_greedy", scoring_func="softmax")
+    for router in model.routers():
+        router.e_score_correction_bias.zero_()  # V2 has none: the file then holds none either
+    save_hf(model, tmp_path / "ck", max_shard_bytes=150_000)
+    layered = LayeredModel(tmp_path / "ck")
+    assert layered.model.lm_head.weight is layered.model.embed_tokens.weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(layered(ids).logits, model(ids).logits)
+
+
+def test_layer_by_layer_refuses_a_checkpoint_missing_layer_tensors(sharded, tmp_path):
+    _, path = sharded
+    broken = _edit_first_shard(
+        path, tmp_path, lambda t: t.pop("model.layers.1.self_attn.o_proj.weight", None) is not None
+    )
+    index = _index(broken)
+    del index["weight_map"]["model.layers.1.self_attn.o_proj.weight"]
+    _write_index(broken, index)
+    with pytest.raises(CheckpointError, match="cannot make up the missing ones"):
+        LayeredModel(broken, strict=False)
+
+
 # ---- refusals: a clear message, nothing returned, nothing written ------------------------------------
 def _refused(path, *patterns, **kwargs) -> str:
     before = sorted(os.listdir(path))

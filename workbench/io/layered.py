@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.io.files import CheckpointError
 from workbench.io.plan import LoadPlan, plan_load
 from workbench.io.stream import emit_notes, materialise, skeleton
 from workbench.io.tokenizer import load_tokenizer_files
@@ -66,6 +67,13 @@ class LayeredModel:
             plan = path
         else:
             plan = plan_load(path, device=self.device, check_memory=False, **plan_options)
+        fresh = [t.name for t in plan.targets.values() if t.fresh and t.name.startswith("layers.")]
+        if fresh:  # each pass reads every layer again: a tensor drawn afresh would differ from pass to pass
+            raise CheckpointError(
+                f"{plan.folder} lacks tensors of its decoder layers ({', '.join(fresh[:5])}"
+                f"{' ...' if len(fresh) > 5 else ''}); layer-by-layer execution reads each layer again on every "
+                "pass and cannot make up the missing ones consistently. Load it whole with strict=False instead"
+            )
         self.plan = plan
         self.config = plan.config
         kept = sum(plan.layer_bytes(name) for name in KEPT)
