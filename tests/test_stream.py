@@ -372,3 +372,17 @@ def test_block_row_dequantisation_equals_the_whole_tensor_one(rows):
     dest = torch.empty(r1 - r0, 200, dtype=torch.bfloat16)
     _dequantize_into(dest, q, s, (128, 128), rows)
     assert torch.equal(dest, expected[r0:r1])
+
+
+def test_info_checks_a_download_from_its_headers(sharded, tmp_path, capsys):
+    from workbench.cli import main
+
+    _, path = sharded
+    assert main(["info", "--checkpoint", str(path), "--check-files"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint"]["files"] > 3 and "4 layers" in report["checkpoint"]["plan"]
+    broken = _copy(path, tmp_path / "b")
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(["info", "--checkpoint", str(broken), "--check-files"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err

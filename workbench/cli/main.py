@@ -153,6 +153,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     report = {"params": counts, "weights_bytes": weights, "kv_cache_bytes_per_token_bf16": kv,
               "forward_flops_per_token": flops}  # fmt: skip
+    if args.check_files:
+        if not args.checkpoint:
+            raise ValueError("--check-files needs --checkpoint FOLDER")
+        from workbench.io.plan import plan_load
+
+        plan = plan_load(model_dir(args.checkpoint), check_memory=False)  # headers only: nothing is loaded
+        report["checkpoint"] = {"plan": plan.describe(), "files": len(plan.files), "stored_bytes": plan.stored_bytes(),
+                                "fp8_tensors": plan.fp8_tensors, "notes": [text for _, text in plan.notes]}  # fmt: skip
     print(json.dumps(report, indent=2))
     return 0
 
@@ -224,6 +232,12 @@ def _add_info(sub) -> None:
     )
     add_model_flags(i, default_preset="deepseek-v3")
     i.add_argument("--checkpoint", help="read the config of this Hugging Face folder instead")
+    i.add_argument(
+        "--check-files",
+        action="store_true",
+        help="also plan the load of --checkpoint from its safetensors headers (every name, shape and dtype "
+        "checked, nothing loaded): a quick check of a download",
+    )
     i.add_argument("--context", type=int, default=None, help="context length for attention FLOPs")
     i.set_defaults(func=cmd_info)
 

@@ -135,7 +135,11 @@ class LayeredModel:
         out = LayeredOutput(logits=x, hidden=x)
         for i in range(self.config.num_hidden_layers):
             start = time.perf_counter()
-            block = self.load_layer(i)
+            try:
+                block = self.load_layer(i)
+            except BaseException:
+                self.release_layer(i)  # a failed read keeps nothing of the layer
+                raise
             loaded = time.perf_counter()
             done = on_layer(i, block) if on_layer is not None else None
             try:
