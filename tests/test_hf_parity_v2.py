@@ -212,3 +212,15 @@ def test_published_v2_configs_read_as_published():
     # and 2.4B activated: DeepSeek's figure leaves out the embedding (a lookup, not a matmul)
     assert 2.3e9 < counts["active"] - counts["breakdown"]["embedding"] < 2.5e9
     assert 234e9 < count_params(config)["total"] < 238e9  # V2: 236B total
+
+
+def test_a_v2_model_with_a_balancing_bias_saves_it_and_says_transformers_ignores_it(tmp_path):
+    config = _config("v2_group_limited")
+    ours = Model(config).eval()
+    for router in ours.routers():
+        router.e_score_correction_bias.normal_(0, 0.05)
+    with pytest.warns(UserWarning, match="will ignore it"):
+        save_hf(ours, tmp_path)
+    back = load_hf(tmp_path)
+    for a, b in zip(back.routers(), ours.routers()):
+        assert torch.equal(a.e_score_correction_bias, b.e_score_correction_bias)

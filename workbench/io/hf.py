@@ -231,6 +231,13 @@ def save_hf(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     hf_sd = {name: t.detach() for name, t in to_hf_state_dict(model).items()}
+    if model.config.topk_method != "noaux_tc" and any(n.endswith(BIAS) for n in hf_sd):
+        warnings.warn(
+            f"{path}: this V2-routed model ({model.config.topk_method}) has a non-zero balancing bias, which is "
+            "written so that load_hf reads it back exactly; transformers' DeepseekV2ForCausalLM has no such bias "
+            "and will ignore it (its routing then differs from this model's)",
+            stacklevel=2,
+        )
     if fp8:
         hf_sd = quantize_state_dict_fp8(hf_sd)  # from the full-precision weights, before any cast
     tensors: dict[str, torch.Tensor] = {}
