@@ -35,7 +35,6 @@ from torch import nn
 from workbench.io.files import CheckpointError
 from workbench.io.plan import LoadPlan, plan_load
 from workbench.io.stream import emit_notes, materialise, skeleton
-from workbench.io.tokenizer import load_tokenizer_files
 from workbench.model.accounting import check_fits, format_bytes
 from workbench.model.block import Block
 from workbench.model.mla import KVCache
@@ -84,7 +83,7 @@ class LayeredModel:
         self.model = skeleton(plan)
         materialise(plan, self.device, model=self.model, modules=KEPT)
         emit_notes(plan, self.device)
-        self.tokenizer = load_tokenizer_files(plan.folder)
+        self.tokenizer = plan.tokenizer
         self.layers_loaded = 0  # how many times a layer was brought in (reading cost)
 
     def __repr__(self) -> str:

@@ -10,7 +10,8 @@ the shard index and the safetensors *headers* (names, shapes, dtypes; no tensor 
 * which stored tensors are copies to check (the MTP layers' embedding and head) or skipped (MTP modules
   the config drops), and which targets start from a fresh initialisation (MTP modules a transformers
   folder lacks, when asked to keep them; missing tensors with ``strict=False``),
-* how many bytes the model will take, checked against the memory free on the device.
+* how many bytes the model will take, checked against the memory free on the device,
+* the folder's tokenizer (small, read here so that a broken one fails before any weight is read).
 
 Every problem is collected and reported at once in one ``CheckpointError``: a missing or unreadable
 shard, an index naming a file outside the folder (``..``, an absolute path, a link out of it), a
@@ -38,6 +39,7 @@ from workbench.config import ConfigError, ModelConfig
 from workbench.io.files import CheckpointError, read_json
 from workbench.io.fp8_layout import WEIGHT_BLOCK, check_quantization_config
 from workbench.io.names import BIAS, PROJS, HFNames
+from workbench.io.tokenizer import load_tokenizer_files
 from workbench.model import Model
 from workbench.model.accounting import check_fits, format_bytes
 
@@ -121,6 +123,7 @@ class LoadPlan:
     skipped: list[str]  # stored tensors deliberately not read (MTP modules the config drops)
     notes: list[tuple[type[Warning], str]]  # warnings to show when the plan is applied
     fp8_tensors: int = 0
+    tokenizer: Any = None  # the folder's tokenizer (workbench.io.tokenizer.Tokenizer), or None
 
     @property
     def nbytes(self) -> int:
@@ -483,7 +486,11 @@ def plan_load(
         notes.append(
             (UserWarning, f"{folder}: skipping the tensors of MTP layers {layers} (num_nextn_predict_layers={kept})")
         )
-    plan = LoadPlan(folder, hf_config, config, dtype, block, files, targets, copies, skipped, notes, fp8)
+    try:
+        tokenizer = load_tokenizer_files(folder)  # small, and read before any weight: a bad one fails first
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: {e}") from e
+    plan = LoadPlan(folder, hf_config, config, dtype, block, files, targets, copies, skipped, notes, fp8, tokenizer)
     if check_memory:
         check_fits(config, device, dtype, need=plan.nbytes, what=f"the checkpoint {folder}")
     return plan

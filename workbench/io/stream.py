@@ -38,7 +38,6 @@ from workbench.io.files import CheckpointError
 from workbench.io.fp8_layout import fp8_dequantized_note
 from workbench.io.names import BIAS
 from workbench.io.plan import FP8_DTYPES, LoadPlan, Part, Stored, Target
-from workbench.io.tokenizer import load_tokenizer_files
 from workbench.model import Model
 from workbench.model.moe import Router
 from workbench.model.rope import rope_tables
@@ -124,10 +123,7 @@ def materialise(
     if left:  # cannot happen with a whole plan; guards against a model part the loader does not know
         raise CheckpointError(f"internal error: tensors {left} were not materialised")
     if prefixes is None:
-        try:
-            model.tokenizer = load_tokenizer_files(plan.folder)
-        except ValueError as e:
-            raise CheckpointError(f"checkpoint {plan.folder}: {e}") from e
+        model.tokenizer = plan.tokenizer
     return model.eval()
 
 
