@@ -33,50 +33,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from workbench.config import ConfigError, ModelConfig
-from workbench.io.files import CheckpointError, read_json
+from workbench.io.files import CheckpointError
 from workbench.io.fp8_layout import WEIGHT_BLOCK, check_quantization_config
+from workbench.io.headers import (
+    CONFIG_NAME,
+    DTYPES,
+    FP8_DTYPES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    Stored,
+    checkpoint_files,
+    listing,
+    read_files,
+    read_hf_config,
+)
 from workbench.io.names import BIAS, PROJS, HFNames
 from workbench.io.tokenizer import load_tokenizer_files
 from workbench.model import Model
 from workbench.model.accounting import check_fits, format_bytes
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 MISSING_MTP = ("drop", "init", "error")
-
-# safetensors dtype names -> torch
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-          "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One tensor as a safetensors header describes it."""
-
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name: BF16, F32, F8_E4M3, ...
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * _SIZES.get(self.dtype, 1)
 
 
 @dataclass(frozen=True)
@@ -165,74 +143,6 @@ class LoadPlan:
 
 
 # ------------------------------------------------------------------------------------------------
-# Files
-# ------------------------------------------------------------------------------------------------
-def read_hf_config(folder: str | Path) -> dict[str, Any]:
-    """The raw ``config.json`` of a checkpoint folder."""
-    path = Path(folder) / CONFIG_NAME
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def checkpoint_files(folder: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint (the single file, or the shards its index lists) and the
-    index's weight map. Index entries that leave the folder or name missing files are problems."""
-    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
-    if single.is_file():
-        return [single], None
-    if not index.exists():
-        raise CheckpointError(f"{folder} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    data = read_json(index)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index} has no 'weight_map' (tensor name -> file)")
-    root = folder.resolve()
-    files: list[Path] = []
-    for filename in dict.fromkeys(weight_map.values()):
-        if not isinstance(filename, str) or not filename:
-            problems.append(f"{index} maps a tensor to {filename!r}, which is not a file name")
-            continue
-        rel = Path(filename)
-        if rel.is_absolute() or ".." in rel.parts:
-            problems.append(f"{index} names {filename!r}, which is outside the checkpoint folder")
-            continue
-        if not filename.endswith(".safetensors"):
-            problems.append(f"{index} names {filename!r}; checkpoints are read from .safetensors files only")
-            continue
-        file = folder / rel
-        try:
-            inside = file.resolve().is_relative_to(root)
-        except OSError:
-            inside = False
-        if not inside:
-            problems.append(f"{index} names {filename!r}, which leads outside the checkpoint folder")
-        elif not file.is_file():
-            problems.append(f"{index} lists {filename}, which is missing from {folder}")
-        else:
-            files.append(file)
-    return files, {str(k): str(v) for k, v in weight_map.items()}
-
-
-def read_headers(files: Iterable[Path], problems: list[str]) -> dict[str, Stored]:
-    """Every tensor's shape and dtype from the safetensors headers (no tensor data is read)."""
-    found: dict[str, Stored] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    s = f.get_slice(name)
-                    if name in found:
-                        problems.append(f"tensor {name} is stored twice: in {found[name].file.name} and {file.name}")
-                        continue
-                    found[name] = Stored(name, file, tuple(int(d) for d in s.get_shape()), s.get_dtype())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            problems.append(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt")
-    return found
-
-
-# ------------------------------------------------------------------------------------------------
 # The plan
 # ------------------------------------------------------------------------------------------------
 def plan_load(
@@ -267,6 +177,59 @@ def plan_load(
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
+    hf_config, block, config, notes = _read_config(folder, overrides)
+    files, found = read_files(folder)
+    config, mtp = _decide_mtp(folder, hf_config, config, found, missing_mtp, notes)
+    if dtype is None:  # the stored embedding's (an FP8 file keeps it in bf16)
+        stored = found.get("model.embed_tokens.weight")
+        dtype = DTYPES.get(stored.dtype, torch.float32) if stored is not None else torch.float32
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            dtype = torch.bfloat16
+    targets = _targets(config, dtype)
+    match = _Matcher(HFNames.of(config), targets, found, block, mtp)
+    match.run()
+    missing = match.missing(config, mtp)
+
+    listed = []
+    if match.wrong:
+        listed.append(listing("tensors with the wrong shape", match.wrong))
+    if match.bad_dtype and not allow_bad_weights:
+        what = (
+            "tensors in an integer or boolean dtype (weights must be floating point; allow_bad_weights=True casts them)"
+        )
+        listed.append(listing(what, match.bad_dtype))
+    if strict and missing:
+        listed.append(listing("missing tensors", missing))
+    if strict and match.unexpected:
+        listed.append(listing("unexpected tensors", match.unexpected))
+    if listed:
+        raise CheckpointError(f"checkpoint {folder} does not fit the model:\n" + "\n".join(listed))
+    for items, text in (
+        (match.bad_dtype, f"casting integer or boolean tensors to {dtype}"),
+        (missing, "missing tensors keep their fresh initialisation"),
+        (match.unexpected, "ignoring unexpected tensors"),
+    ):
+        if items:
+            notes.append((UserWarning, f"{folder}: {text}: {items}"))
+    if match.skipped:
+        layers = _layer_list(sorted(mtp.dropped & mtp.present))
+        kept = config.num_nextn_predict_layers
+        notes.append(
+            (UserWarning, f"{folder}: skipping the tensors of MTP layers {layers} (num_nextn_predict_layers={kept})")
+        )
+    try:
+        tokenizer = load_tokenizer_files(folder)  # small, and read before any weight: a bad one fails first
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: {e}") from e
+    plan = LoadPlan(folder, hf_config, config, dtype, block, files, targets, match.copies, match.skipped, notes,
+                    match.fp8, tokenizer)  # fmt: skip
+    if check_memory:
+        check_fits(config, device, dtype, need=plan.nbytes, what=f"the checkpoint {folder}")
+    return plan
+
+
+def _read_config(folder: Path, overrides: dict[str, Any]):
+    """config.json: the raw dict, the FP8 block size, our config and the notes from_hf had."""
     hf_config = read_hf_config(folder)
     block = WEIGHT_BLOCK
     if hf_config.get("quantization_config"):
@@ -274,38 +237,31 @@ def plan_load(
             block = check_quantization_config(hf_config["quantization_config"])
         except ValueError as e:
             raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
-    notes: list[tuple[type[Warning], str]] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             config = ModelConfig.from_hf(hf_config, **overrides)
-        notes += [(w.category, str(w.message)) for w in caught]
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME} does not describe a model this workbench can run: {e}") from e
+    return hf_config, block, config, [(w.category, str(w.message)) for w in caught]
 
-    problems: list[str] = []
-    files, weight_map = checkpoint_files(folder, problems)
-    found = read_headers(files, problems)
-    if weight_map is not None:
-        listed_elsewhere = [
-            f"{n} (the index says {weight_map[n]}, found in {s.file.name})"
-            for n, s in found.items()
-            if n in weight_map and weight_map[n] != s.file.name
-        ]
-        absent = [f"{n} (in {f})" for n, f in weight_map.items() if n not in found and (folder / f) in files]
-        if listed_elsewhere:
-            problems.append(_listing("tensors the index places in another file", listed_elsewhere))
-        if absent:
-            problems.append(_listing("tensors the index lists but its file does not hold", absent))
-    if problems:
-        raise CheckpointError(f"checkpoint {folder} cannot be read:\n" + "\n".join(problems))
 
-    # MTP modules: those the file declares and holds, and what to do when it holds none
+@dataclass
+class _MTP:
+    """What happens to the MTP layers: those the files hold, those skipped, whether fresh ones are made."""
+
+    present: set[int]  # file layer indices >= num_hidden_layers that hold tensors
+    dropped: set[int]  # file layer indices whose tensors are skipped
+    in_file: int  # MTP layers config.json declares
+    fresh: bool  # MTP modules start from a fresh initialisation
+
+
+def _decide_mtp(folder, hf_config, config: ModelConfig, found, missing_mtp: str, notes) -> tuple[ModelConfig, _MTP]:
     names = HFNames.of(config)
-    L, declared = config.num_hidden_layers, config.num_nextn_predict_layers
+    declared = config.num_nextn_predict_layers
     in_file = hf_config.get("num_nextn_predict_layers", hf_config.get("num_mtp_layers", 0)) or 0
     present = {i for n in found if (i := names.layer_index(n)) is not None and names.is_mtp_layer(i)}
-    fresh_mtp = False
+    fresh = False
     if declared > 0 and not present & set(names.mtp_layers()):
         what = (
             f"{folder} holds no tensor of the MTP layers {_layer_list(names.mtp_layers())} although config.json "
@@ -317,22 +273,18 @@ def plan_load(
             )
         if missing_mtp == "drop":
             config = config.replace(num_nextn_predict_layers=0)
-            names = HFNames.of(config)
             notes.append(
                 (UserWarning, f"{what}: the model has no MTP modules (pass missing_mtp='init' to keep fresh ones)")
             )
         else:
-            fresh_mtp = True
+            fresh = True
             notes.append((UserWarning, f"{what}: the MTP modules keep a fresh initialisation"))
-    kept = config.num_nextn_predict_layers
-    dropped_layers = set(range(L + kept, L + max(in_file, kept)))
+    L, kept = config.num_hidden_layers, config.num_nextn_predict_layers
+    return config, _MTP(present, set(range(L + kept, L + max(in_file, kept))), max(in_file, kept), fresh)
 
-    # What our model holds, with the dtypes it will have
-    stored_embed = found.get("model.embed_tokens.weight")
-    if dtype is None:
-        dtype = DTYPES.get(stored_embed.dtype, torch.float32) if stored_embed is not None else torch.float32
-        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            dtype = torch.bfloat16
+
+def _targets(config: ModelConfig, dtype: torch.dtype) -> dict[str, Target]:
+    """Every tensor our model holds (from a meta-device skeleton), parameters in ``dtype``, buffers in theirs."""
     with torch.device("meta"):
         skeleton = Model(config)
     params = {n for n, _ in skeleton.named_parameters()}
@@ -341,159 +293,126 @@ def plan_load(
         if config.tie_word_embeddings and n == "lm_head.weight":
             continue  # the embedding itself
         targets[n] = Target(n, tuple(t.shape), dtype if n in params else t.dtype)
+    return targets
 
-    # Match every stored tensor to a target
-    used: set[str] = set()
-    unexpected: list[str] = []
-    wrong: list[str] = []
-    bad_dtype: list[str] = []
-    scales = {n for n in found if names.is_scale(n)}
-    copies_of = names.copies(max(in_file, kept))
-    copies: list[tuple[Stored, str]] = []
-    skipped: list[str] = []
-    fp8 = 0
 
-    def part_of(s: Stored, **where: Any) -> Part:
-        nonlocal fp8
+class _Matcher:
+    """Assigns every stored tensor to its target (or to the copies, the skipped, the unexpected) and collects
+    what is wrong with it."""
+
+    def __init__(self, names: HFNames, targets, found, block, mtp: _MTP) -> None:
+        self.names, self.targets, self.found, self.block, self.mtp = names, targets, found, block, mtp
+        self.used: set[str] = set()
+        self.unexpected: list[str] = []
+        self.wrong: list[str] = []
+        self.bad_dtype: list[str] = []
+        self.copies: list[tuple[Stored, str]] = []
+        self.skipped: list[str] = []
+        self.fp8 = 0
+
+    def part(self, s: Stored, **where: Any) -> Part:
+        """A stored tensor as a part of its target, its dtype and FP8 scale checked."""
+        names, block = self.names, self.block
         if s.dtype not in DTYPES:
-            bad_dtype.append(f"{s.name}: {s.dtype}")
-        scale = found.get(names.scale_of(s.name))
+            self.bad_dtype.append(f"{s.name}: {s.dtype}")
+        scale = self.found.get(names.scale_of(s.name))
         if s.dtype in FP8_DTYPES:
-            fp8 += 1
+            self.fp8 += 1
             if scale is None:
-                wrong.append(f"{s.name}: stored in {s.dtype} but {names.scale_of(s.name)} is missing")
+                self.wrong.append(f"{s.name}: stored in {s.dtype} but {names.scale_of(s.name)} is missing")
             elif len(s.shape) < 2:
-                wrong.append(f"{s.name}: FP8 tensors must be matrices (out, in) or stacks of them, got {s.shape}")
+                self.wrong.append(f"{s.name}: FP8 tensors must be matrices (out, in) or stacks of them, got {s.shape}")
             else:
                 expected = (*s.shape[:-2], *(-(-d // b) for d, b in zip(s.shape[-2:], block)))
                 if scale.shape != expected:
-                    wrong.append(f"{scale.name}: shape {scale.shape}, but {s.name} {s.shape} in blocks of "
-                                 f"{block[0]}x{block[1]} needs {expected}")  # fmt: skip
+                    self.wrong.append(f"{scale.name}: shape {scale.shape}, but {s.name} {s.shape} in blocks of "
+                                      f"{block[0]}x{block[1]} needs {expected}")  # fmt: skip
                 if scale.dtype not in ("F32", "BF16", "F16", "F64"):
-                    wrong.append(f"{scale.name}: scales must be floating point (float32), got {scale.dtype}")
-            used.add(names.scale_of(s.name))
+                    self.wrong.append(f"{scale.name}: scales must be floating point (float32), got {scale.dtype}")
+            self.used.add(names.scale_of(s.name))
         elif scale is not None:
-            wrong.append(f"{scale.name}: a scale for {s.name}, which is {s.dtype}, not FP8")
-            used.add(scale.name)
-        used.add(s.name)
+            self.wrong.append(f"{scale.name}: a scale for {s.name}, which is {s.dtype}, not FP8")
+            self.used.add(scale.name)
+        self.used.add(s.name)
         return Part(s, scale if s.dtype in FP8_DTYPES else None, **where)
 
-    for name, s in found.items():
-        if name in scales:
-            continue
-        layer = names.layer_index(name)
-        if layer is not None and layer in dropped_layers:
-            skipped.append(name)
-            used.add(name)
-            used.add(names.scale_of(name))
-            continue
-        if name in copies_of:
-            original = copies_of[name]
-            our_original = "embed_tokens.weight" if original == "model.embed_tokens.weight" else "lm_head.weight"
-            if s.shape != targets[our_original].shape:
-                wrong.append(f"{name}: expected {_fmt(targets[our_original].shape)}, found {_fmt(s.shape)}")
-            copies.append((s, our_original))
-            used.add(name)
-            continue
-        expert = names.expert(name)
-        fused = names.fused(name) if expert is None else None
-        if expert is not None:
-            target = targets.get(expert.stack)
-            if target is None or not 0 <= expert.index < target.shape[0]:
-                unexpected.append(name)
-                continue
-            if s.shape != target.shape[1:]:
-                wrong.append(f"{name}: expected {_fmt(target.shape[1:])}, found {_fmt(s.shape)}")
-            target.parts.append(part_of(s, index=expert.index))
-        elif fused is not None:
-            stacks = [f"{fused.experts}.{p}" for p in (PROJS[:2] if fused.kind == "gate_up_proj" else PROJS[2:])]
-            if any(st not in targets for st in stacks):
-                unexpected.append(name)
-                continue
-            first = targets[stacks[0]].shape
-            expected = (first[0], 2 * first[1], first[2]) if fused.kind == "gate_up_proj" else first
-            if s.shape != expected:
-                wrong.append(f"{name}: expected {_fmt(expected)}, found {_fmt(s.shape)}")
-                continue
-            for half, st in enumerate(stacks):
-                targets[st].parts.append(part_of(s, half=half if len(stacks) == 2 else None))
-        else:
-            try:
-                ours = names.our_name(name)
-            except CheckpointError:
-                unexpected.append(name)
-                continue
-            target = targets.get(ours)
-            if target is None:
-                unexpected.append(name)
-                continue
-            if s.shape != target.shape:
-                wrong.append(f"{name}: expected {_fmt(target.shape)}, found {_fmt(s.shape)}")
-            target.parts.append(part_of(s))
-    unexpected += [n for n in scales if n not in used]
+    def check_shape(self, s: Stored, expected: tuple[int, ...]) -> bool:
+        if s.shape != tuple(expected):
+            self.wrong.append(f"{s.name}: expected {_fmt(expected)}, found {_fmt(s.shape)}")
+            return False
+        return True
 
-    # What is missing, and what may be
-    missing: list[str] = []
-    for t in targets.values():
-        stack = names.stacked(t.name)
-        is_mtp = t.name.startswith("mtp.")
-        if stack is not None:
-            if any(p.index is None for p in t.parts):  # filled by a fused tensor
+    def run(self) -> None:
+        names, targets = self.names, self.targets
+        copies_of = names.copies(self.mtp.in_file)
+        scales = {n for n in self.found if names.is_scale(n)}
+        for name, s in self.found.items():
+            if name in scales:
                 continue
-            have = {p.index for p in t.parts}
-            lacking = [j for j in range(t.shape[0]) if j not in have]
-            if lacking:
-                if fresh_mtp and is_mtp:
-                    t.fresh = True
+            layer = names.layer_index(name)
+            if layer is not None and layer in self.mtp.dropped:
+                self.skipped.append(name)
+                self.used.update((name, names.scale_of(name)))
+                continue
+            if name in copies_of:
+                original = "embed_tokens.weight" if copies_of[name] == "model.embed_tokens.weight" else "lm_head.weight"
+                self.check_shape(s, targets[original].shape)
+                self.copies.append((s, original))
+                self.used.add(name)
+                continue
+            expert, fused = names.expert(name), names.fused(name)
+            if expert is not None:
+                target = targets.get(expert.stack)
+                if target is None or not 0 <= expert.index < target.shape[0]:
+                    self.unexpected.append(name)
                     continue
-                all_names = names.expert_names(t.name, t.shape[0])
-                missing += [all_names[j] for j in lacking]
-                t.fresh = True
-        elif not t.parts:
-            if t.name.endswith(BIAS) and config.topk_method != "noaux_tc":
-                t.zeros = True  # V2 checkpoints have no balancing bias: zero, which is V2's routing exactly
-            elif fresh_mtp and is_mtp:
-                t.fresh = True
+                self.check_shape(s, target.shape[1:])
+                target.parts.append(self.part(s, index=expert.index))
+            elif fused is not None:
+                stacks = [f"{fused.experts}.{p}" for p in (PROJS[:2] if fused.kind == "gate_up_proj" else PROJS[2:])]
+                if any(st not in targets for st in stacks):
+                    self.unexpected.append(name)
+                    continue
+                first = targets[stacks[0]].shape  # (E, I, D) or (E, D, I)
+                if self.check_shape(s, (first[0], 2 * first[1], first[2]) if len(stacks) == 2 else first):
+                    for half, st in enumerate(stacks):
+                        targets[st].parts.append(self.part(s, half=half if len(stacks) == 2 else None))
             else:
-                missing.append(names.hf_name(t.name))
-                t.fresh = True
+                try:
+                    target = targets.get(names.our_name(name))
+                except CheckpointError:
+                    target = None
+                if target is None:
+                    self.unexpected.append(name)
+                    continue
+                self.check_shape(s, target.shape)
+                target.parts.append(self.part(s))
+        self.unexpected += [n for n in scales if n not in self.used]
 
-    listed = []
-    if wrong:
-        listed.append(_listing("tensors with the wrong shape", wrong))
-    if bad_dtype and not allow_bad_weights:
-        listed.append(
-            _listing(
-                "tensors in an integer or boolean dtype (weights must be floating point; "
-                "allow_bad_weights=True casts them)",
-                bad_dtype,
-            )  # fmt: skip
-        )
-    if strict and missing:
-        listed.append(_listing("missing tensors", missing))
-    if strict and unexpected:
-        listed.append(_listing("unexpected tensors", unexpected))
-    if listed:
-        raise CheckpointError(f"checkpoint {folder} does not fit the model:\n" + "\n".join(listed))
-    if bad_dtype:
-        notes.append((UserWarning, f"{folder}: casting integer or boolean tensors to {dtype}: {bad_dtype}"))
-    if missing:
-        notes.append((UserWarning, f"{folder}: missing tensors keep their fresh initialisation: {missing}"))
-    if unexpected:
-        notes.append((UserWarning, f"{folder}: ignoring unexpected tensors {unexpected}"))
-    if skipped:
-        layers = _layer_list(sorted(dropped_layers & present))
-        notes.append(
-            (UserWarning, f"{folder}: skipping the tensors of MTP layers {layers} (num_nextn_predict_layers={kept})")
-        )
-    try:
-        tokenizer = load_tokenizer_files(folder)  # small, and read before any weight: a bad one fails first
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {folder}: {e}") from e
-    plan = LoadPlan(folder, hf_config, config, dtype, block, files, targets, copies, skipped, notes, fp8, tokenizer)
-    if check_memory:
-        check_fits(config, device, dtype, need=plan.nbytes, what=f"the checkpoint {folder}")
-    return plan
+    def missing(self, config: ModelConfig, mtp: _MTP) -> list[str]:
+        """The file names of what no stored tensor fills; marks those targets fresh (or zero: a V2 router's
+        bias, which V2 checkpoints do not have and which is zero in V2's routing)."""
+        missing: list[str] = []
+        for t in self.targets.values():
+            fresh_ok = mtp.fresh and t.name.startswith("mtp.")
+            if self.names.stacked(t.name) is not None:
+                if any(p.index is None for p in t.parts):  # filled by a fused tensor
+                    continue
+                have = {p.index for p in t.parts}
+                lacking = [j for j in range(t.shape[0]) if j not in have]
+                if lacking:
+                    t.fresh = True
+                    if not fresh_ok:
+                        every = self.names.expert_names(t.name, t.shape[0])
+                        missing += [every[j] for j in lacking]
+            elif not t.parts:
+                if t.name.endswith(BIAS) and config.topk_method != "noaux_tc":
+                    t.zeros = True
+                else:
+                    t.fresh = True
+                    if not fresh_ok:
+                        missing.append(self.names.hf_name(t.name))
+        return missing
 
 
 def _layer_list(layers: Iterable[int]) -> str:
@@ -504,11 +423,16 @@ def _fmt(shape: Iterable[int]) -> str:
     return str(tuple(int(d) for d in shape))
 
 
-def _listing(title: str, items: list[str], limit: int = 50) -> str:
-    lines = [f"  {item}" for item in items[:limit]]
-    if len(items) > limit:
-        lines.append(f"  ... and {len(items) - limit} more")
-    return f"{title} ({len(items)}):\n" + "\n".join(lines)
-
-
-__all__ = ["DTYPES", "LoadPlan", "Part", "Stored", "Target", "checkpoint_files", "plan_load", "read_hf_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "DTYPES",
+    "INDEX_NAME",
+    "WEIGHTS_NAME",
+    "LoadPlan",
+    "Part",
+    "Stored",
+    "Target",
+    "checkpoint_files",
+    "plan_load",
+    "read_hf_config",
+]

@@ -36,8 +36,9 @@ from torch import nn
 
 from workbench.io.files import CheckpointError
 from workbench.io.fp8_layout import fp8_dequantized_note
+from workbench.io.headers import FP8_DTYPES, Stored
 from workbench.io.names import BIAS
-from workbench.io.plan import FP8_DTYPES, LoadPlan, Part, Stored, Target
+from workbench.io.plan import LoadPlan, Part, Target
 from workbench.model import Model
 from workbench.model.moe import Router
 from workbench.model.rope import rope_tables
