@@ -25,6 +25,11 @@ Routing, as DeepSeek-V3 does it (``Router``):
 (V2-Lite). V2 checkpoints carry no balancing bias; the bias is kept here anyway (zero, so the choice is
 exactly V2's) so that the same balancing and growing work on every model.
 
+Node-limited routing (``Router.limit_nodes``, off by default): when the experts are spread over nodes
+(expert parallelism, ``workbench.dist``), a token may use experts on at most M nodes, chosen by the sum
+of the ``ceil(k / M)`` best biased affinities on each node, before the group limit. In DeepSeek-V3 the
+groups *are* the nodes (8 groups, 4 allowed), so its group limit is its node limit; here the two may differ.
+
 Balancing (``Router.update_bias``): after each optimiser step, each expert's bias moves by
 ``gamma`` toward balance: ``b_i += gamma * sign(mean_load - load_i)``. Overloaded experts become
 less attractive, idle ones more. No gradient flows through this, so it doesn't fight the language
@@ -48,6 +53,7 @@ With ``config.fp8`` that loop runs each expert's three GEMMs through ``fp8.fp8_l
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +103,7 @@ class Router(nn.Module):
         # which experts may be routed to: the config's inactive_experts are never chosen nor balanced (a
         # non-persistent buffer: the state lives in the config, so the weights keep the published layout)
         self.register_buffer("active", self.active_mask(config, layer_idx), persistent=False)
+        self.node_limit: tuple[int, int] | None = None  # (nodes, max nodes per token), see limit_nodes
 
     @staticmethod
     def active_mask(config: ModelConfig, layer_idx: int | None) -> torch.Tensor:
@@ -104,6 +111,41 @@ class Router(nn.Module):
         active = torch.ones(config.n_routed_experts, dtype=torch.bool)
         active[(config.inactive_experts or {}).get(layer_idx, [])] = False
         return active
+
+    def limit_nodes(self, n_nodes: int | None, max_nodes: int = 1) -> None:
+        """Route each token to experts on at most ``max_nodes`` of ``n_nodes`` nodes (node j holds experts
+        j * E / n_nodes .. (j + 1) * E / n_nodes - 1, as expert parallelism places them). None: no limit."""
+        if n_nodes is None:
+            self.node_limit = None
+            return
+        E, k = self.n_experts, self.top_k
+        for name, value in (("n_nodes", n_nodes), ("max_nodes", max_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if E % n_nodes or max_nodes > n_nodes:
+            fits = [n for n in range(1, E + 1) if E % n == 0]
+            raise ValueError(f"n_nodes={n_nodes} must divide the {E} experts and max_nodes={max_nodes} must not exceed "
+                             f"it; use n_nodes among {fits}")  # fmt: skip
+        if self.n_group > 1 and self.topk_method != "greedy" and self.n_group % n_nodes:
+            fits = [n for n in range(1, self.n_group + 1) if self.n_group % n == 0]
+            raise ValueError(f"each node must hold whole routing groups: n_group={self.n_group} is not a multiple "
+                             f"of n_nodes={n_nodes}; use n_nodes among {fits}")  # fmt: skip
+        if max_nodes * (E // n_nodes) < k:
+            raise ValueError(f"max_nodes={max_nodes} nodes of {E // n_nodes} experts cannot hold a token's k={k} "
+                             f"experts; use max_nodes >= {math.ceil(k / (E // n_nodes))}")  # fmt: skip
+        self.node_limit = (n_nodes, max_nodes)
+
+    def _node_mask(self, choice: torch.Tensor) -> torch.Tensor:
+        """(N, E) biased scores -> (N, E) with the experts outside each token's best max_nodes nodes at -inf."""
+        n_nodes, max_nodes = self.node_limit
+        N = choice.shape[0]
+        per_node = choice.view(N, n_nodes, -1)  # (N, nodes, E / nodes)
+        q = min(per_node.shape[-1], math.ceil(self.top_k / max_nodes))
+        finite = per_node.masked_fill(~torch.isfinite(per_node), -1e9)  # a masked expert counts as very poor
+        node_scores = finite.topk(q, dim=-1).values.sum(dim=-1)  # (N, nodes): sum of each node's best q
+        best = node_scores.topk(max_nodes, dim=-1).indices  # (N, max_nodes)
+        allowed = torch.zeros_like(node_scores, dtype=torch.bool).scatter_(1, best, True)
+        return per_node.masked_fill(~allowed[:, :, None], float("-inf")).view(N, -1)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities (N, E) in float32 (float64 for a float64 model) for tokens x (N, hidden)."""
@@ -118,6 +160,8 @@ class Router(nn.Module):
         choice = scores + self.e_score_correction_bias  # the bias steers selection only
         if not bool(self.active.all()):
             choice = choice.masked_fill(~self.active, float("-inf"))  # inactive experts are never chosen
+        if self.node_limit is not None:
+            choice = self._node_mask(choice)  # (N, E): experts on at most M nodes per token
         if self.n_group > 1 and self.topk_method != "greedy":  # greedy (V2-Lite): no groups
             grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
             if self.topk_method == "group_limited_greedy":  # V2: a group is as good as its best expert

@@ -121,18 +121,20 @@ class SFTTrainer:
     """A step of supervised fine-tuning: a batch of pairs, loss on the completions only."""
 
     desc = "sft"
+    uses_every_parameter = True  # the full objective runs every module, MTP included
 
     def __init__(self, pairs: Sequence[Pair], cfg: SFTConfig, tok: Tokenizer) -> None:
         self.pairs, self.tok = pairs, tok
         self.sampler = PairSampler(len(pairs), cfg.batch_size, cfg.seed)
 
     def step(self, model: Model, update: Update) -> dict[str, Any]:
-        ids, labels = sft_batch(self.tok, [self.pairs[i] for i in self.sampler.next()])
-        ids, labels = ids.to(model.device), labels.to(model.device)
-        output = model(ids, labels=labels)
-        output.loss.backward()
-        update(output.loss, output.routing)
-        return {**output.loss_parts(), "completion_tokens": int((labels != IGNORE_INDEX).sum())}
+        ids, full_labels = sft_batch(self.tok, [self.pairs[i] for i in self.sampler.next()])
+        ids, labels = update.shard(ids, full_labels)  # this process's rows (all of them in one process)
+        output = model(ids.to(model.device), labels=labels.to(model.device))
+        loss, parts = update.shard_loss(output, labels, full_labels)  # weighted by the shard's labelled tokens
+        loss.backward()
+        update(loss, output.routing)
+        return {**parts, "completion_tokens": int((full_labels != IGNORE_INDEX).sum())}
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"sampler": self.sampler.state()}, {}

@@ -10,6 +10,7 @@ The optimiser is AdamW with no weight decay on norms, biases and the embedding (
 row shrinks tokens that are rarely seen). The learning rate warms up linearly over ``warmup_steps``
 optimiser updates and then either decays along a cosine to ``lr * min_lr_ratio`` (pre-training, SFT)
 or stays constant (GRPO, where a decaying rate would hide whether the policy still improves).
+``parallel`` runs the same loop data-parallel over the processes ``torchrun`` starts (``workbench.dist``).
 DeepSeek-V3 used a staged schedule (constant, then cosine, then two steps down); a cosine is the
 common small-scale stand-in.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from workbench.config import ConfigError
+from workbench.dist.data_parallel import PARALLEL_MODES
 
 SCHEDULES = ("cosine", "constant")
 
@@ -50,14 +52,17 @@ class LoopConfig:
     seed: int = 0  # everything random in the run
     device: str = "auto"  # "auto" picks CUDA when present
     bf16: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    parallel: str = "auto"  # under torchrun: "ddp", "fsdp" (FSDP2), "none"; "auto" = ddp when several processes
 
     # fields that may differ when a run is resumed (the rest shape the run and must match)
     resume_may_change: ClassVar[frozenset[str]] = frozenset(
-        {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "device"}
+        {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "parallel"}
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.lr > 0:

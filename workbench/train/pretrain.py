@@ -91,6 +91,7 @@ class LMTrainer:
     """A step of language modelling: a batch of random windows, the full objective, one update."""
 
     desc = "train"
+    uses_every_parameter = True  # the full objective runs every module, MTP included
 
     def __init__(self, dataset, tc: TrainConfig) -> None:
         self.dataset, self.tc = dataset, tc
@@ -98,8 +99,8 @@ class LMTrainer:
 
     def step(self, model: Model, update: Update) -> dict[str, Any]:
         ids, _domains = self.dataset.get_batch("train", self.tc.batch_size, self.tc.seq_len, self.sampler)
-        ids = ids.to(model.device)
-        output = model(ids, labels=ids)
+        ids = update.shard(ids).to(model.device)  # this process's rows (all of them in one process)
+        output = model(ids, labels=ids)  # equal shards hold equally many labelled tokens: no reweighting
         output.loss.backward()
         update(output.loss, output.routing)
         return {**output.loss_parts(), "tokens": update.count * self.tc.batch_size * self.tc.seq_len}
