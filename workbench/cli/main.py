@@ -65,6 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_at=args.stop_at,
         progress=not args.no_progress,
     )
+    from workbench.dist.process import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 reports and exports; the others are done
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     summary = {k: last[k] for k in ("step", "main_loss", "mtp_loss", "eval_loss", "max_vio") if k in last}
     print(json.dumps(summary))
@@ -184,7 +188,10 @@ def _add_train(sub) -> None:
             "gradient clipping and auxiliary-loss-free balancing. Writes OUT/metrics.jsonl (one JSON line per step) "
             "and OUT/checkpoint (atomic; resumable exactly with --resume)."
         ),
-        epilog="example: python -m workbench train --preset tiny --steps 300 --out runs/tiny",
+        epilog=(
+            "example: python -m workbench train --preset tiny --steps 300 --out runs/tiny\n"
+            "data parallel: torchrun --nproc-per-node 2 -m workbench train --parallel ddp (or fsdp) ..."
+        ),
     )
     add_model_flags(t)
     t.add_argument("--attn-mode", choices=["naive", "absorb"], help="MLA mode used in training (default: naive)")

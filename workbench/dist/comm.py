@@ -24,7 +24,9 @@ congestion are ignored, and the compute side is a FLOP count at an assumed utili
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 from typing import Any
 
@@ -39,6 +41,7 @@ H800_FP8_TFLOPS = 1979.0
 FP8_DISPATCH_BYTES = 1 + 4 / 128  # per value: one FP8 byte plus a float32 scale per 128 values
 BF16_COMBINE_BYTES = 2
 _MAX_SETS = 200_000
+_FLOPS: dict[tuple[str, int], float] = {}
 
 
 def _miss(allowed: int, held: int, k: int) -> float:
@@ -96,18 +99,20 @@ def expected_traffic(
             A = len(allowed)
             if A < k:
                 continue
-            held_rank = [sum(1 for e in allowed if e // per_rank == r) for r in range(R)]
-            hit_rank = [1 - _miss(A, h, k) for h in held_rank]  # (R,)
+            held_rank = [0] * R
+            for e in allowed:
+                held_rank[e // per_rank] += 1
+            hit_rank = [1 - _miss(A, h, k) for h in held_rank]  # (R,) P(the token visits rank j)
             hit_node = [1 - _miss(A, sum(held_rank[n * rpn : (n + 1) * rpn]), k) for n in range(nodes)]
+            node_sum = [sum(hit_rank[n * rpn : (n + 1) * rpn]) for n in range(nodes)]
             w = 1.0 / (len(node_sets) * len(group_sets))
-            for home in range(R):  # the token's own rank, uniform over the ranks
-                own = home // rpn
-                mates = range(own * rpn, (own + 1) * rpn)
-                totals["copies_to_self"] += w * hit_rank[home] / R
-                totals["copies_intra_node"] += w * sum(hit_rank[j] for j in mates if j != home) / R
-                totals["copies_inter_node"] += w * sum(hit_rank[j] for j in range(R) if j // rpn != own) / R
-                totals["node_hops"] += w * sum(hit_node[n] for n in range(nodes) if n != own) / R
-                totals["nodes_per_token"] += w * sum(hit_node) / R
+            # averaged over the token's home rank (uniform): rank j is "self" for one home, "own node" for the
+            # other rpn - 1 homes of its node, and "other node" for the remaining R - rpn
+            totals["copies_to_self"] += w * sum(hit_rank) / R
+            totals["copies_intra_node"] += w * (rpn - 1) * sum(node_sum) / R
+            totals["copies_inter_node"] += w * (R - rpn) * sum(node_sum) / R
+            totals["node_hops"] += w * (R - rpn) * sum(hit_node) / R
+            totals["nodes_per_token"] += w * sum(hit_node)
             weight_sum += w
     if weight_sum == 0:
         raise ValueError(f"no allowed set holds k={k} experts; raise max_nodes or topk_group")
@@ -146,8 +151,10 @@ def v3_cluster_figures(
     # inside nodes: every rank visited except those a copy arrives at over InfiniBand, plus the own node's
     nvlink_copies = t["copies_intra_node"] + max(0.0, t["copies_inter_node"] - t["node_hops"])
     nvlink_bytes = nvlink_copies * D * per_value
-    train = flops_per_token(config, context=context, training=True)
-    layer_flops = train["total"] / config.num_hidden_layers  # per token, average over the layers
+    key = (json.dumps(dataclasses.asdict(config), sort_keys=True), context)
+    if key not in _FLOPS:  # counting the 671B config's weights on the meta device takes seconds: once
+        _FLOPS[key] = flops_per_token(config, context=context, training=True)["total"]
+    layer_flops = _FLOPS[key] / config.num_hidden_layers  # per token, average over the layers
     compute_share = (SMS_TOTAL - SMS_COMM) / SMS_TOTAL
     flops_per_s = H800_FP8_TFLOPS * 1e12 * utilisation * compute_share
     compute_us = layer_flops / flops_per_s * 1e6

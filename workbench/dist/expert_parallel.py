@@ -85,7 +85,8 @@ class Traffic:
         for name in ("tokens", "to_self", "intra_node", "inter_node", "node_hops", "pairs", "metadata_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_nodes_seen = max(self.max_nodes_seen, other.max_nodes_seen)
-        self.value_bytes, self.hidden = other.value_bytes, other.hidden
+        if other.tokens:  # a layer that never ran knows no sizes
+            self.value_bytes, self.hidden = other.value_bytes, other.hidden
         self.layers |= other.layers
 
     def as_tensor(self) -> torch.Tensor:

@@ -17,6 +17,10 @@ F&B: a forward and a backward chunk run overlapped):
   with the other's backward (F&B), and W fills the rest. Bubble (PP/2 - 1)(F&B + B - 3W). The order here
   is generated step by step as in github.com/deepseek-ai/DualPipe (``dualpipe.py``, steps 1-8).
 
+The formulas are exact for some chunk times only; the simulation is the measure. 1F1B's holds for any
+times; ZB1P's where W fits the gaps it fills (W <= F and W <= B - W, the zero-bubble paper's setting);
+DualPipe's when F, B - W and W are equal (otherwise it is off by a fraction of a chunk per stage pair).
+
 ``simulate`` runs a schedule on chunk times (measured on our own blocks by ``workbench.dist.timing``):
 every rank takes its chunks in order, each as soon as its rank is free and its inputs have arrived
 (``comm``: the time of one stage-to-stage send). ``Timeline`` holds every chunk's start and end (the
@@ -246,6 +250,7 @@ def simulate(name: str, stages: int, micro_batches: int, times: ChunkTimes) -> T
         return max(needs, default=0.0)
 
     deferred = name == "zb1p"  # W chunks placed by the simulation (see zero_bubble_h1)
+    slack = 1e-9 * (times.F + times.B)  # a W that fits a gap exactly fits, whatever the rounding of the sums
     pending: list[deque[Chunk]] = [deque() for _ in range(stages)]
     in_flight = [0] * stages  # micro-batches whose activations a stage still holds (forward done, W not yet)
 
@@ -279,7 +284,7 @@ def simulate(name: str, stages: int, micro_batches: int, times: ChunkTimes) -> T
                 if deferred:  # fill the wait with postponed W's; keep 1F1B's memory before a forward
                     limit = stages  # 1F1B's peak (stage 0 holds PP micro-batches): later stages have room
                     while pending[rank] and (
-                        free[rank] + times.W <= at or (chunk.kind == "F" and in_flight[rank] >= limit)
+                        free[rank] + times.W <= at + slack or (chunk.kind == "F" and in_flight[rank] >= limit)
                     ):
                         place(rank, pending[rank].popleft(), free[rank])
                 place(rank, chunk, at)
