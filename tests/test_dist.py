@@ -168,3 +168,10 @@ def test_torchrun_trains_data_parallel_from_the_command_line(tmp_path):
                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.gpu
+def test_nccl_group_of_one_trains_on_cuda(small_dataset):
+    """The NCCL path: a group of one CUDA process through DDP (skipped without CUDA)."""
+    result = _pretrain(small_dataset, "ddp", device="cuda")
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
