@@ -175,3 +175,39 @@ def test_nccl_group_of_one_trains_on_cuda(small_dataset):
     """The NCCL path: a group of one CUDA process through DDP (skipped without CUDA)."""
     result = _pretrain(small_dataset, "ddp", device="cuda")
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def _grpo(parallel: str):
+    from workbench.rl.grpo import GRPOConfig, grpo_train
+
+    torch.manual_seed(0)
+    model = Model(TINY)
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=2, inner_steps=2, eval_problems=4, eval_samples=1,
+                     max_new_tokens=8, eval_every=2, device="cpu", parallel=parallel)  # fmt: skip
+    result = grpo_train(model, get_task("add"), cfg, progress=False)
+    return {
+        "losses": [r["loss"] for r in result.metrics],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _distill(parallel: str):
+    from workbench.rl.distill import DistillConfig, logit_distill
+
+    torch.manual_seed(1)
+    teacher = Model(TINY)
+    torch.manual_seed(0)
+    model = Model(TINY)
+    cfg = DistillConfig(steps=2, batch_size=4, device="cpu", parallel=parallel)
+    rows = logit_distill(model, teacher, cold_start_pairs(get_task("add"), 16), cfg, progress=False)
+    return {"losses": [r["loss"] for r in rows], "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def test_grpo_under_fsdp_takes_the_steps_of_one_process():
+    """A trainer that does not shard (every rank samples and scores the whole batch) stays exact."""
+    _assert_same_run(launch(_grpo, 2, "fsdp")[0], _grpo("none"))
+
+
+@pytest.mark.slow
+def test_logit_distillation_under_ddp_takes_the_steps_of_one_process():
+    _assert_same_run(launch(_distill, 2, "ddp")[0], _distill("none"))

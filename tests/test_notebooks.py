@@ -15,8 +15,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXECUTED = ROOT / "book" / "lessons"  # where the book build expects executed lessons
 
 
-def test_there_are_nine_lessons():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 10)]
+def test_the_lessons_are_numbered_in_order():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers == sorted(set(numbers)) and numbers[0] == 1, "one notebook per lesson number, from 01"
+    assert set(range(1, 10)) | {11} <= set(numbers), f"lessons missing: {sorted(set(range(1, 12)) - set(numbers))}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
