@@ -19,7 +19,8 @@ the routing, tokens seen, wall time; ``eval_loss`` every ``eval_every`` steps), 
 
 Because the model, the optimiser, the schedule (a function of the step) and every random state are
 restored, a resumed run produces the same losses as an uninterrupted one. Simplifications against
-DeepSeek-V3: no batch-size warmup, no pipeline/expert parallelism, bf16 autocast by default
+DeepSeek-V3: no batch-size warmup, no pipeline/expert parallelism in training (data parallel under
+``torchrun`` with ``parallel="ddp"`` or ``"fsdp"``: each rank takes its rows of the batch), bf16 autocast by default
 (``ModelConfig(fp8=True)`` trains through ``workbench.fp8`` instead; see lesson 6), and a cosine
 schedule instead of their staged one.
 """
