@@ -97,7 +97,7 @@ def expected_traffic(
                 e for g in group_set for e in range(g * per_group, (g + 1) * per_group) if e in node_experts
             )
             A = len(allowed)
-            if A < k:
+            if k > A:
                 continue
             held_rank = [0] * R
             for e in allowed:

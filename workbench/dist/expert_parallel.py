@@ -33,7 +33,6 @@ with computation (DualPipe's job; ``workbench.dist.pipeline`` measures what it b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -131,16 +130,8 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"{self.world} ranks do not form nodes of {ranks_per_node}; use a divisor of {self.world}")
         self.layer_idx, self.gate, self.shared_experts = moe.layer_idx, moe.gate, moe.shared_experts
         self.n_experts, self.per_rank, self.ranks_per_node = E, E // self.world, ranks_per_node
-        full = moe.experts
-        _, I, D = full.gate_proj.shape
-        shape = SimpleNamespace(n_routed_experts=self.per_rank, hidden_size=D, moe_intermediate_size=I,
-                                use_grouped_mm=full.use_grouped_mm, fp8=full.fp8)  # fmt: skip
-        with torch.device("meta"):  # built empty: it takes only this rank's slice of the stack
-            local = RoutedExperts(shape)
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(local, name, nn.Parameter(getattr(full, name).detach()[mine].clone()))  # (E/R, out, in)
-        self.experts = local
+        self.experts = _expert_slice(moe.experts, mine)  # only this rank's experts are copied
         self.traffic = Traffic()  # accumulated since the last ``reset_traffic``
 
     @property
@@ -220,6 +211,19 @@ class ExpertParallelMoE(nn.Module):
             layers={self.layer_idx},
         )
         self.traffic.add(t)
+
+
+def _expert_slice(full: RoutedExperts, mine: slice) -> RoutedExperts:
+    """A ``RoutedExperts`` holding experts ``mine`` of ``full`` (its settings, copies of those weights)."""
+    local = RoutedExperts.__new__(RoutedExperts)  # no allocation of a whole stack
+    nn.Module.__init__(local)
+    for key, value in vars(full).items():  # its plain settings (grouped_mm, FP8 options, ...)
+        if not key.startswith("_"):
+            setattr(local, key, value)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(local, name, nn.Parameter(getattr(full, name).detach()[mine].clone()))  # (E/R, out, in)
+    local.n_experts = mine.stop - mine.start
+    return local
 
 
 def shard_experts(model: nn.Module, ranks_per_node: int = 1, max_nodes: int | None = None, group=None) -> nn.Module:

@@ -134,67 +134,71 @@ def dualpipe(stages: int, micro_batches: int) -> list[list[Chunk]]:
     if PP % 2 or PP < 2 or m % 2 or m < 2 * PP:
         raise ValueError(f"DualPipe needs an even number of stages and an even micro-batch count >= 2 x stages; "
                          f"got stages={PP}, micro_batches={m}")  # fmt: skip
-    order = []
-    for rank in range(PP):
-        second_half = rank >= PP // 2
-        half_rank = min(rank, PP - 1 - rank)
-        middle = rank in (PP // 2 - 1, PP // 2)
-        ops: list[Chunk] = []
-        f_next, b_next = [0, 0], [0, 0]  # next micro-batch of each direction
-        weights: deque[Chunk] = deque()
+    return [_DualPipeRank(rank, PP, m).order() for rank in range(PP)]
 
-        def direction(phase: int) -> int:
-            return phase ^ second_half
 
-        def forward(phase: int) -> Chunk:
-            d = direction(phase)
-            f_next[d] += 1
-            return Chunk("F", f_next[d] - 1, d)
+class _DualPipeRank:
+    """The chunks of one DualPipe rank, in ``DualPipe.step``'s eight steps."""
 
-        def backward(phase: int, zb: bool = False) -> Chunk:
-            d = direction(phase)
-            b_next[d] += 1
-            if zb:
-                weights.append(Chunk("W", b_next[d] - 1, d))
-            return Chunk("Bi" if zb else "B", b_next[d] - 1, d)
+    def __init__(self, rank: int, stages: int, micro_batches: int) -> None:
+        self.PP, self.m = stages, micro_batches
+        self.second_half = rank >= stages // 2  # phase 0 is the reverse direction on the second half
+        self.half_rank = min(rank, stages - 1 - rank)
+        self.middle = rank in (stages // 2 - 1, stages // 2)
+        self.f_next, self.b_next = [0, 0], [0, 0]  # next micro-batch of each direction
+        self.weights: deque[Chunk] = deque()  # W chunks postponed by zero-bubble backwards (FIFO)
 
-        def forward_backward(p0: int, p1: int) -> Chunk:
-            f, b = forward(p0), backward(p1)
-            return Chunk("FB", f.mb, f.direction, b.mb, b.direction)
+    def direction(self, phase: int) -> int:
+        return phase ^ self.second_half
 
-        half = PP // 2
-        ops += [forward(0) for _ in range((half - half_rank - 1) * 2)]  # step 1: nF0
-        for _ in range(half_rank + 1):  # step 2: nF0F1
-            ops += [forward(0), forward(1)]
-        for _ in range(half - half_rank - 1):  # step 3: nB1W1F1 (zero bubble)
-            ops.append(backward(1, zb=True))
-            ops.append(weights.popleft())
-            ops.append(forward(1))
-        for i in range(m // 2 - PP + half_rank + 1):  # step 4 (main): nF0B1F1B0
-            if i == 0 and middle:  # not overlapped, to shrink the bubble
-                ops += [forward(0), backward(1)]
+    def forward(self, phase: int) -> Chunk:
+        d = self.direction(phase)
+        self.f_next[d] += 1
+        return Chunk("F", self.f_next[d] - 1, d)
+
+    def backward(self, phase: int, zb: bool = False) -> Chunk:
+        d = self.direction(phase)
+        self.b_next[d] += 1
+        if zb:
+            self.weights.append(Chunk("W", self.b_next[d] - 1, d))
+        return Chunk("Bi" if zb else "B", self.b_next[d] - 1, d)
+
+    def forward_backward(self, p0: int, p1: int) -> Chunk:
+        f, b = self.forward(p0), self.backward(p1)
+        return Chunk("FB", f.mb, f.direction, b.mb, b.direction)
+
+    def order(self) -> list[Chunk]:
+        half, hr, ops = self.PP // 2, self.half_rank, []
+        ops += [self.forward(0) for _ in range((half - hr - 1) * 2)]  # step 1: nF0
+        for _ in range(hr + 1):  # step 2: nF0F1
+            ops += [self.forward(0), self.forward(1)]
+        for _ in range(half - hr - 1):  # step 3: nB1W1F1 (zero bubble)
+            ops.append(self.backward(1, zb=True))
+            ops.append(self.weights.popleft())
+            ops.append(self.forward(1))
+        for i in range(self.m // 2 - self.PP + hr + 1):  # step 4 (main): nF0B1F1B0
+            if i == 0 and self.middle:  # not overlapped, to shrink the bubble
+                ops += [self.forward(0), self.backward(1)]
             else:
-                ops.append(forward_backward(0, 1))
-            ops.append(forward_backward(1, 0))
-        for _ in range(half - half_rank - 1):  # step 5: nB1F1B0
-            ops.append(backward(1))
-            ops.append(forward_backward(1, 0))
-        zb = False
-        steps6 = half_rank + 1
+                ops.append(self.forward_backward(0, 1))
+            ops.append(self.forward_backward(1, 0))
+        for _ in range(half - hr - 1):  # step 5: nB1F1B0
+            ops.append(self.backward(1))
+            ops.append(self.forward_backward(1, 0))
+        zb, steps6 = False, hr + 1
         for i in range(steps6):  # step 6: nB1B0, the second half with zero bubble
-            if i == steps6 // 2 and half_rank % 2 == 1:
+            if i == steps6 // 2 and hr % 2 == 1:
                 zb = True
-            ops.append(backward(1, zb))
-            if i == steps6 // 2 and half_rank % 2 == 0:
+            ops.append(self.backward(1, zb))
+            if i == steps6 // 2 and hr % 2 == 0:
                 zb = True
-            ops.append(backward(0, zb))
-        for _ in range(half - half_rank - 1):  # step 7: nWB0
-            ops.append(weights.popleft())
-            ops.append(backward(0, zb=True))
-        while weights:  # step 8: nW
-            ops.append(weights.popleft())
-        order.append(ops)
-    return order
+            ops.append(self.backward(0, zb))
+        for _ in range(half - hr - 1):  # step 7: nWB0
+            ops.append(self.weights.popleft())
+            ops.append(self.backward(0, zb=True))
+        while self.weights:  # step 8: nW
+            ops.append(self.weights.popleft())
+        return ops
 
 
 def schedule(name: str, stages: int, micro_batches: int) -> list[list[Chunk]]:
@@ -237,13 +241,13 @@ def simulate(name: str, stages: int, micro_batches: int, times: ChunkTimes) -> T
         for kind, mb, d in parts:
             s = _stage(rank, d, stages)
             if kind == "F" and s > 0:
-                needs.append(done_f.get((d, mb, s - 1), None))
+                needs.append(done_f.get((d, mb, s - 1)))
                 needs[-1] = None if needs[-1] is None else needs[-1] + times.comm
             elif kind == "B":
                 if s == stages - 1:
-                    needs.append(done_f.get((d, mb, s), None))
+                    needs.append(done_f.get((d, mb, s)))
                 else:
-                    got = done_b.get((d, mb, s + 1), None)
+                    got = done_b.get((d, mb, s + 1))
                     needs.append(None if got is None else got + times.comm)
         if any(n is None for n in needs):
             return None

@@ -66,25 +66,23 @@ def measure_chunk_times(
             h, _ = block(h, cos, sin)
         return x, h
 
-    def timed(fn) -> float:
+    def timed(fn, *args) -> tuple[float, object]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        fn()
+        result = fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, result
 
     runs: dict[str, list[float]] = {"F": [], "B": [], "B_input": []}
     for i in range(repeats + 1):  # the first round warms up
-        out: dict[str, tuple] = {}
-        f = timed(lambda: out.__setitem__("xh", forward()))
-        x, h = out["xh"]
-        b = timed(lambda: torch.autograd.backward(h, grad_out))  # inputs' and weights' gradients
+        f, (x, h) = timed(forward)
+        b, _ = timed(torch.autograd.backward, h, grad_out)  # inputs' and weights' gradients
         for p in params:
             p.grad = None
         x, h = forward()
-        bi = timed(lambda: torch.autograd.grad(h, [x], grad_out))  # the inputs' only: no weight GEMMs
+        bi, _ = timed(torch.autograd.grad, h, [x], grad_out)  # the inputs' only: no weight GEMMs
         if i:
             runs["F"].append(f)
             runs["B"].append(b)
