@@ -35,13 +35,20 @@ ignored with one ``ConfigNote``. Where DeepSeek's V2 code and transformers disag
 with a scaling factor other than 1: one normalises and does not scale, the other scales and does not
 normalise) a published V2 file is refused; our own files (which carry a ``workbench`` block) use V3's
 rule, normalise then scale.
+
+Before those comparisons every field is checked against its annotation (an integer is an integer, not
+96.0, "96" or True; a float is finite). A misspelled field is refused with the closest name
+(``from_preset``, ``replace``); in a ``config.json``, which holds many keys we do not read, a near miss of
+a field is warned about by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -107,6 +114,7 @@ class ModelConfig:
 
     # ---------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         if self.inactive_experts is not None:  # JSON keys are strings: normalise to {layer: sorted ids}
@@ -136,6 +144,9 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
+        unknown = [k for k in changes if k not in _FIELD_NAMES]
+        if unknown:
+            raise ConfigError("; ".join(_unknown_field(k) for k in unknown))
         return dataclasses.replace(self, **changes)
 
     # Validation ----------------------------------------------------------------------------------
@@ -143,6 +154,8 @@ class ModelConfig:
         def need(cond: bool, message: str) -> None:
             if not cond:
                 raise ConfigError(message)
+
+        _check_types(self)  # first: the comparisons below assume every field has its annotated type
 
         for name in (
             "vocab_size",
@@ -177,6 +190,11 @@ class ModelConfig:
                 f"(first_k_dense_replace={self.first_k_dense_replace}), got {self.intermediate_size}",
             )
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        need(
+            self.initializer_range >= 0,
+            f"initializer_range (the std of the initial weights) must be >= 0, got {self.initializer_range}; "
+            "DeepSeek-V3 uses 0.006, our presets 0.02",
+        )
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
 
         if self.n_moe_layers > 0:
@@ -267,21 +285,7 @@ class ModelConfig:
                 f"num_experts_per_tok={self.num_experts_per_tok}",
             )
         if self.rope_scaling is not None:
-            rs = self.rope_scaling
-            kind = rs.get("type", rs.get("rope_type"))
-            need(
-                kind == "yarn",
-                f"rope_scaling type {kind!r} is not supported; use {{'type': 'yarn', 'factor': ..., "
-                f"'original_max_position_embeddings': ...}} or None",
-            )
-            need(
-                float(rs.get("factor", 0)) >= 1.0,
-                f"rope_scaling['factor'] must be >= 1, got {rs.get('factor')!r}",
-            )
-            need(
-                int(rs.get("original_max_position_embeddings", 0)) > 0,
-                "rope_scaling needs 'original_max_position_embeddings' (the context length before YaRN)",
-            )
+            _check_rope_scaling(self.rope_scaling)
 
     # Presets -------------------------------------------------------------------------------------
     @classmethod
@@ -290,12 +294,12 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        if name not in _PRESETS:
+        if not isinstance(name, str) or name not in _PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
         values = dict(_PRESETS[name])
-        unknown = set(overrides) - {f.name for f in fields(cls)}
+        unknown = [k for k in overrides if k not in _FIELD_NAMES]
         if unknown:
-            raise ConfigError(f"unknown config field(s) {sorted(unknown)}; see ModelConfig for the names")
+            raise ConfigError("; ".join(_unknown_field(k) for k in unknown))
         values.update(overrides)
         return cls(**values)
 
@@ -338,20 +342,9 @@ class ModelConfig:
         parallelism, bookkeeping; ``HF_IGNORED_FIELDS``) are ignored, with one ``ConfigNote`` warning listing
         those whose value could make a reader wonder.
         """
-        if isinstance(source, dict):
-            hf = dict(source)
-        else:
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.exists():
-                raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                hf = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from e
-            if not isinstance(hf, dict):
-                raise ConfigError(f"{path} must hold a JSON object, got {type(hf).__name__}")
+        hf, where = _read_config_json(source)
+        knobs = hf.get("workbench")
+        _warn_misspelled(hf, knobs if isinstance(knobs, dict) else {}, where)
         values, notes = _read_hf_fields(hf)
         if notes:
             warnings.warn(
@@ -591,6 +584,161 @@ def _read_rope(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         **{k: v for k, v in scaling.items() if k not in ("rope_theta", "rope_type", "type", "truncate")},
     }
     return out
+
+
+# ---- validation helpers ---------------------------------------------------------------------------
+_FIELD_NAMES = [f.name for f in fields(ModelConfig)]
+_WHAT = {"int": "an integer", "float": "a finite number", "bool": "True or False", "str": "a string",
+         "dict": "a mapping (a JSON object)"}  # fmt: skip
+
+
+def _annotation(hint: str) -> tuple[str, bool]:
+    """``"int | None"`` -> ("int", True); ``"dict[str, Any] | None"`` -> ("dict", True)."""
+    parts = [p.strip() for p in str(hint).split("|")]
+    base = next(p for p in parts if p != "None")
+    return base.split("[")[0], "None" in parts
+
+
+def _type_problem(value: Any, base: str) -> str | None:
+    """Why ``value`` is not of type ``base`` (None when it is). A bool is not a number here: ``True`` for
+    ``num_hidden_layers`` is a mistake, not one layer; 96.0 is not the integer 96."""
+    if base == "int":
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base == "dict":
+        ok = isinstance(value, dict)
+    else:
+        return None
+    if ok:
+        return None
+    hint = ""
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        hint = f"; write {int(value)}"
+    elif base == "int" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        hint = f"; write {value.strip()} without quotes"
+    elif base == "bool" and isinstance(value, (str, int)):
+        hint = "; without quotes: true / false in JSON, True / False in Python"
+    return f"must be {_WHAT[base]}, got {value!r} ({type(value).__name__}){hint}"
+
+
+def _check_types(config: ModelConfig) -> None:
+    """Every field against its annotation, before any comparison: a string where an integer belongs
+    would otherwise end in ``'>' not supported between 'str' and 'int'`` deep inside ``validate``.
+    Integers and reals of other libraries (numpy) become plain ``int`` / ``float``."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        base, optional = _annotation(f.type)
+        if value is None and optional:
+            continue
+        problem = _type_problem(value, base)
+        if problem:
+            raise ConfigError(f"{f.name} {problem}")
+        if base == "int" and type(value) is not int:
+            setattr(config, f.name, int(value))
+        elif base == "float" and type(value) not in (int, float):
+            setattr(config, f.name, float(value))
+
+
+# rope_scaling keys that are numbers (YaRN's), and whether each must be an integer
+_ROPE_NUMBERS = {"factor": False, "original_max_position_embeddings": True, "beta_fast": False,
+                 "beta_slow": False, "mscale": False, "mscale_all_dim": False}  # fmt: skip
+
+
+def _check_rope_scaling(rs: dict[str, Any]) -> None:
+    """YaRN settings: the type, a finite ``factor`` >= 1, a positive ``original_max_position_embeddings``."""
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind != "yarn":
+        raise ConfigError(
+            f"rope_scaling type {kind!r} is not supported; use {{'type': 'yarn', 'factor': ..., "
+            f"'original_max_position_embeddings': ...}} or None"
+        )
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in rs:
+            what = "scale" if key == "factor" else "context length before YaRN"
+            raise ConfigError(f"rope_scaling needs {key!r} (YaRN's {what})")
+    for key, integer in _ROPE_NUMBERS.items():
+        if key in rs:
+            problem = _type_problem(rs[key], "int" if integer else "float")
+            if problem:
+                raise ConfigError(f"rope_scaling[{key!r}] {problem}")
+    if rs["factor"] < 1:
+        raise ConfigError(f"rope_scaling['factor'] must be >= 1, got {rs['factor']!r}")
+    if rs["original_max_position_embeddings"] <= 0:
+        raise ConfigError(
+            "rope_scaling['original_max_position_embeddings'] (the context length before YaRN) must be positive, "
+            f"got {rs['original_max_position_embeddings']!r}"
+        )
+
+
+def _unknown_field(name: Any) -> str:
+    """The message for a field ModelConfig does not have, with the closest one."""
+    close = difflib.get_close_matches(str(name), _FIELD_NAMES, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "; the fields are ModelConfig's (see its source)"
+    return f"unknown config field {name!r}{hint}"
+
+
+def _read_config_json(source: Any) -> tuple[dict[str, Any], str]:
+    """A Hugging Face config as a dict, and where it came from (for messages): a dict, a ``config.json``
+    file or the folder holding one. Anything but a JSON object is refused by name."""
+    if isinstance(source, dict):
+        return dict(source), "config"
+    if not isinstance(source, (str, Path)):
+        raise ConfigError(f"a config is a dict or the path of a config.json (or its folder), got {source!r}")
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json at {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; a config.json holds one JSON object")
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size:,} bytes; a config.json is a few kilobytes")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(hf), "a number")
+        raise ConfigError(f"{path} must hold a JSON object of config fields, got {kind}")
+    return hf, str(path)
+
+
+_MAX_CONFIG_BYTES = 16 << 20
+# keys a Hugging Face / DeepSeek config.json may hold that are not ModelConfig fields (never "misspelled")
+# fmt: off
+_OTHER_HF_KEYS = frozenset(
+    {
+        "architectures", "model_type", "hidden_act", "num_key_value_heads", "topk_method", "moe_layer_freq",
+        "attention_bias", "attention_dropout", "rope_interleave", "rope_parameters", "num_mtp_layers", "head_dim",
+        "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux", "use_cache", "bos_token_id", "eos_token_id",
+        "pad_token_id", "dtype", "torch_dtype", "quantization_config", "workbench", "transformers_version", "auto_map",
+        "_name_or_path", "use_bfloat16", "output_hidden_states", "output_attentions", "return_dict", "id2label",
+        "label2id", "tokenizer_class", "is_decoder", "is_encoder_decoder", "qk_head_dim", "chunk_size_feed_forward",
+        "mlp_bias", "output_router_logits", "problem_type",
+    }
+)
+# fmt: on
+
+
+def _warn_misspelled(hf: dict[str, Any], knobs: dict[str, Any], where: str) -> None:
+    """Warn about config.json keys that look like a misspelled field (a real config holds many keys we do
+    not read, so only a near match is named) and about training knobs we do not have."""
+    for key in hf:
+        if key in _FIELD_NAMES or key in _OTHER_HF_KEYS or key in HF_IGNORED_FIELDS or key in _HF_BOOKKEEPING:
+            continue
+        close = difflib.get_close_matches(str(key), _FIELD_NAMES, n=1, cutoff=0.85)
+        if close:
+            warnings.warn(f"{where}: unknown field {key!r} is ignored; did you mean {close[0]!r}?", stacklevel=3)
+    for key in knobs:
+        if key not in _TRAINING_KNOBS:
+            close = difflib.get_close_matches(str(key), _TRAINING_KNOBS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the knobs are {', '.join(_TRAINING_KNOBS)}"
+            warnings.warn(f"{where}: unknown training knob workbench.{key} is ignored{hint}", stacklevel=3)
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

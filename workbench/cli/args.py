@@ -133,6 +133,37 @@ def _flag_type(cls: type, name: str):
     return parse
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum`` (``--n-examples 0`` is refused at the flag, by name)."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {raw!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def finite_number(raw: str) -> float:
+    """An argparse ``type``: a finite float (``nan`` and ``inf`` are refused at the flag, by name)."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw!r}")
+    return value
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -175,4 +206,15 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any):
     return cls(**given, **fixed)
 
 
-__all__ = ["add_config_flags", "coerce", "config_from_args", "field_help", "given_fields", "parse_sets"]
+__all__ = [
+    "add_config_flags",
+    "coerce",
+    "config_from_args",
+    "field_help",
+    "finite_number",
+    "given_fields",
+    "int_at_least",
+    "non_negative_int",
+    "parse_sets",
+    "positive_int",
+]

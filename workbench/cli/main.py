@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from workbench.cli.args import add_config_flags, config_from_args, parse_sets
+from workbench.cli.args import add_config_flags, config_from_args, finite_number, parse_sets, positive_int
 from workbench.cli.common import (
     FORMATTER,
     add_model_flags,
@@ -196,8 +197,8 @@ def _add_train(sub) -> None:
     add_model_flags(t)
     t.add_argument("--attn-mode", choices=["naive", "absorb"], help="MLA mode used in training (default: naive)")
     add_run_flags(t)
-    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after STEP; continue later "
-                   "with --resume")  # fmt: skip
+    t.add_argument("--stop-at", type=positive_int, metavar="STEP",
+                   help="stop (with a checkpoint) after STEP; continue later with --resume")  # fmt: skip
     t.add_argument("--text-files", nargs="+", metavar="PATH",
                    help="train on your own UTF-8 text files or folders of *.txt, not the generated corpus")  # fmt: skip
     t.add_argument("--export", metavar="DIR", help="also write the final model as a Hugging Face folder (a new or "
@@ -218,9 +219,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--checkpoint", default=str(SHIPPED_DATA / "tiny-model"),
                    help="a Hugging Face folder or a run folder (default: the shipped data/tiny-model)")  # fmt: skip
     g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=finite_number, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=finite_number, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy only)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model folder's own)")
@@ -245,7 +246,7 @@ def _add_info(sub) -> None:
         help="also plan the load of --checkpoint from its safetensors headers (every name, shape and dtype "
         "checked, nothing loaded): a quick check of a download",
     )
-    i.add_argument("--context", type=int, default=None, help="context length for attention FLOPs")
+    i.add_argument("--context", type=positive_int, default=None, help="context length for attention FLOPs")
     i.set_defaults(func=cmd_info)
 
 
@@ -259,7 +260,7 @@ def _add_demo(sub) -> None:
         ),
     )
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    d.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    d.add_argument("--steps", type=positive_int, default=300, help="training steps (default: 300)")
     d.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
@@ -280,9 +281,9 @@ def _add_ask(sub) -> None:
     a.add_argument("--name", nargs="+", help="run only these prompts of the set")
     a.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="run each prompt once with this input instead of the file's, e.g. --set n=1994")  # fmt: skip
-    a.add_argument("--max-new-tokens", type=int, help="default: the set's, else 64")
-    a.add_argument("--temperature", type=float, help="0 = greedy (default: the set's, else 0)")
-    a.add_argument("--top-p", type=float, help="default: the set's, else 1.0")
+    a.add_argument("--max-new-tokens", type=positive_int, help="default: the set's, else 64")
+    a.add_argument("--temperature", type=finite_number, help="0 = greedy (default: the set's, else 0)")
+    a.add_argument("--top-p", type=finite_number, help="default: the set's, else 1.0")
     a.add_argument("--seed", type=int, help="sampling seed (default: the set's, else 0)")
     a.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.train.loop import TrainingDiverged
 
     args = build_parser().parse_args(argv)  # --help, or a flag argparse refuses: its message and SystemExit
+    shown = warnings.formatwarning
+    warnings.formatwarning = _plain_warning  # "warning: ..." without the source line of the library
     try:
         return args.func(args)
     except TrainingDiverged as e:
@@ -321,3 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a permission: no traceback, the reason and the path
         print(f"error: {e.strerror or e} ({e.filename})" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"

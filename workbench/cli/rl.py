@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.cli.args import add_config_flags, config_from_args, given_fields, parse_sets
+from workbench.cli.args import add_config_flags, config_from_args, given_fields, parse_sets, positive_int
 from workbench.cli.common import FORMATTER, add_run_flags, claim_out, load_model, write_report
 
 
@@ -58,20 +58,33 @@ def _print_before_after(out: Path, before: dict[str, Any], after: dict[str, Any]
     print(f"metrics: {out / 'metrics.jsonl'}\nmodel: {out / 'model'}\nreport: {out / 'report.json'}")
 
 
-def _starting_model(args: argparse.Namespace, task, out: Path, plan: str, cfg, what: str = "base"):
-    """The model a run starts from: ``--checkpoint``; or, resuming, the base it pre-trained (OUT/<what>);
-    or a base pre-trained now and saved to OUT/<what>."""
+def _start(args: argparse.Namespace, cfg, checkpoint: str | None):
+    """What a run starts from, checked before OUT is claimed (a refused run leaves no trace there): the
+    device, the held-out settings, and the model given (loaded now) or the recipe of a base to pre-train."""
     from workbench.config import ModelConfig
-    from workbench.io.hf import save_hf
-    from workbench.rl.base import base_train_config, pretrain_base, rl_model_config
+    from workbench.rl.base import rl_model_config
     from workbench.util import resolve_device
 
-    if getattr(args, "checkpoint", None):
-        return load_model(args.checkpoint, cfg.device)
+    resolve_device(cfg.device)
+    config_from_args(HeldOut, args)
+    if checkpoint:
+        return load_model(checkpoint, cfg.device)
+    base = config_from_args(Base, args)
+    return base, rl_model_config(base.preset, **parse_sets(args.set, ModelConfig))
+
+
+def _starting_model(args: argparse.Namespace, task, out: Path, plan: str, cfg, start, what: str = "base"):
+    """The model a run starts from: the one given; or, resuming, the base it pre-trained (OUT/<what>); or a
+    base pre-trained now (``start`` is its recipe, from ``_start``) and saved to OUT/<what>."""
+    from workbench.io.hf import save_hf
+    from workbench.rl.base import base_train_config, pretrain_base
+    from workbench.util import resolve_device
+
+    if not isinstance(start, tuple):
+        return start
     if plan == "resume" and (out / what / "config.json").is_file():
         return load_model(out / what, cfg.device)
-    base = config_from_args(Base, args)
-    config = rl_model_config(base.preset, **parse_sets(args.set, ModelConfig))
+    base, config = start
     tc = base_train_config(base.base_steps, seed=cfg.seed, device=cfg.device)
     print(f"pre-training a {base.preset} {what} on the {task.name} corpus ({base.base_steps} steps) ...")
     result = pretrain_base(task, config, tc, think_fraction=base.think_fraction, progress=not args.no_progress)
@@ -104,8 +117,9 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     cfg = GRPOConfig.variant(args.variant, **given_fields(GRPOConfig, args))
     out = Path(args.out)
+    start = _start(args, cfg, args.checkpoint)
     plan = claim_out(args, "grpo")
-    model = _starting_model(args, task, out, plan, cfg)
+    model = _starting_model(args, task, out, plan, cfg, start)
     result = grpo_train(model, task, cfg, out_dir=out, progress=not args.no_progress, resume=plan == "resume",
                         overwrite=plan == "fresh" or plan == "replace")  # fmt: skip
     save_hf(result.model.cpu(), out / "model", overwrite=True)
@@ -128,8 +142,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.data == "rejection" and not args.checkpoint:
         raise ValueError("--data rejection samples from a model: give it with --checkpoint")
     out = Path(args.out)
+    start = _start(args, cfg, args.checkpoint)
     plan = claim_out(args, "sft")
-    model = _starting_model(args, task, out, plan, cfg)
+    model = _starting_model(args, task, out, plan, cfg, start)
     tok = tokenizer_of(model)
     ev = _held_out_evaluator(args, task, tok, cfg.seed)
     before = ev(model)
@@ -173,12 +188,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ValueError("--mode compare trains three students in one go and cannot be resumed; run it again")
     out = Path(args.out)
     teacher = load_model(args.teacher, cfg.device)
+    start = _start(args, cfg, args.student)
     plan = claim_out(args, "distill")
-    if args.student:
-        student = load_model(args.student, cfg.device)
-    else:
-        args.checkpoint = None
-        student = _starting_model(args, task, out, plan, cfg, what="student_base")
+    student = _starting_model(args, task, out, plan, cfg, start, what="student_base")
     tok = tokenizer_of(teacher)
 
     if args.mode == "compare":
@@ -270,11 +282,11 @@ def add_subcommands(subparsers) -> None:
     )
     s.add_argument("--checkpoint", help="the model to fine-tune (and to sample from, with --data rejection)")
     s.add_argument("--data", choices=["traces", "rejection"], default="traces", help="what to fine-tune on")
-    s.add_argument("--n-examples", type=int, default=256, help="training problems used (default: 256)")
-    s.add_argument("--samples-per-prompt", type=int, default=4, help="rejection sampling: samples per problem "
+    s.add_argument("--n-examples", type=positive_int, default=256, help="training problems used (default: 256)")
+    s.add_argument("--samples-per-prompt", type=positive_int, default=4, help="rejection sampling: samples per problem "
                    "(default: 4)")  # fmt: skip
-    s.add_argument("--keep-per-prompt", type=int, default=1, help="rejection sampling: verified samples kept per "
-                   "problem (default: 1)")  # fmt: skip
+    s.add_argument("--keep-per-prompt", type=positive_int, default=1,
+                   help="rejection sampling: verified samples kept per problem (default: 1)")  # fmt: skip
     _add_common(s, SFTConfig)
     s.set_defaults(func=cmd_sft)
 
@@ -298,7 +310,9 @@ def add_subcommands(subparsers) -> None:
     d.add_argument("--teacher", required=True, help="the teacher: a Hugging Face folder or run folder")
     d.add_argument("--student", help="the student base (default: pre-train one here with --preset/--set)")
     d.add_argument("--mode", choices=["sequence", "logits", "compare"], default="compare", help="(default: compare)")
-    d.add_argument("--n-prompts", type=int, default=1024, help="training problems the teacher solves (default: 1024)")
+    d.add_argument(
+        "--n-prompts", type=positive_int, default=1024, help="training problems the teacher solves (default: 1024)"
+    )
     _add_common(d, DistillConfig)
     d.set_defaults(func=cmd_distill)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from workbench.cli.args import finite_number, non_negative_int, positive_int
+
 
 def cmd_vertical(args: argparse.Namespace) -> int:
     from workbench.vertical import run_vertical
@@ -53,15 +55,25 @@ def add_subcommand(sub) -> None:
     )
     v.add_argument("--scale", default="laptop", help="scale of the base pre-training when --base is not given")
     v.add_argument("--out", default="runs/vertical", help="output folder (default: runs/vertical)")
-    v.add_argument("--n", type=int, default=None, help="new experts per layer (default: 2 x n_group, two per group)")
-    v.add_argument("--layers", type=int, nargs="+", help="MoE layers to grow (default: all of the main model)")
+    v.add_argument(
+        "--n", type=positive_int, default=None, help="new experts per layer (default: 2 x n_group, two per group)"
+    )
+    v.add_argument(
+        "--layers", type=non_negative_int, nargs="+", help="MoE layers to grow (default: all of the main model)"
+    )
     v.add_argument("--init", default="copy", choices=["copy", "average", "random"], help="initialisation")
-    v.add_argument("--old-rate", type=float, default=0.05, help="forgetting budget at wake-up: the share of old-domain "
-                   "tokens allowed onto the new experts (default: 0.05)")  # fmt: skip
-    v.add_argument("--steps", type=int, default=3000, help="cold-start steps on the new domain (default: 3000)")
-    v.add_argument("--replay", type=float, default=0.75, help="share of replayed old-domain tokens (default: 0.75)")
-    v.add_argument("--lr", type=float, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
-    v.add_argument("--grpo-steps", type=int, default=20, help="GRPO steps after the cold start (default: 20)")
+    v.add_argument("--old-rate", type=finite_number, default=0.05, help="forgetting budget at wake-up: the share of "
+                   "old-domain tokens allowed onto the new experts (default: 0.05)")  # fmt: skip
+    v.add_argument(
+        "--steps", type=positive_int, default=3000, help="cold-start steps on the new domain (default: 3000)"
+    )
+    v.add_argument(
+        "--replay", type=finite_number, default=0.75, help="share of replayed old-domain tokens (default: 0.75)"
+    )
+    v.add_argument("--lr", type=finite_number, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
+    v.add_argument(
+        "--grpo-steps", type=non_negative_int, default=20, help="GRPO steps after the cold start (default: 20)"
+    )
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     v.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")

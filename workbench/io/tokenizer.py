@@ -118,6 +118,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode needs a string, got {type(text).__name__}; decode bytes first (bytes.decode())")
         return self.inner.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -130,7 +132,12 @@ class Tokenizer:
         """The text of `ids`. Accepts a list or a 1-D tensor. `skip_special` drops bos/eos/pad."""
         if hasattr(ids, "tolist"):  # a torch tensor or numpy array
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode needs a sequence of token ids, got {type(ids).__name__}")
         ids = list(ids)
+        odd = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int)), None)
+        if odd is not None:
+            raise TypeError(f"token ids must be integers, got {odd!r} ({type(odd).__name__})")
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

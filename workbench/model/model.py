@@ -152,8 +152,7 @@ class Model(nn.Module):
         attn_mode: "naive" or "absorb" (default: the config's).
         compute_mtp: run the MTP modules (default: when labels are given).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids, labels)
         B, T = input_ids.shape
         mode = attn_mode or self.config.attn_mode
         past = cache.length if cache is not None else 0
@@ -185,8 +184,6 @@ class Model(nn.Module):
                 mtp_logits.append(self.lm_head(module.shared_head.norm(h)))  # (B, T, V)
 
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             out.main_loss = _shifted_cross_entropy(logits, labels, shift=1)
             out.mtp_losses = [_shifted_cross_entropy(lg, labels, shift=i + 2) for i, lg in enumerate(mtp_logits)]
             loss = out.main_loss
@@ -198,6 +195,33 @@ class Model(nn.Module):
                 loss = loss + self.config.seq_aux_loss_alpha * out.balance_loss
             out.loss = loss
         return out
+
+    def _check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Refuse, before any compute, ids the embedding cannot look up (an IndexError deep in torch otherwise)
+        and labels cross-entropy cannot score. Costs one min/max reduction over the ids."""
+        V = self.config.vocab_size
+        for name, t, extra in (("input_ids", input_ids, ()), ("labels", labels, (IGNORE_INDEX,))):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of token ids (batch, seq_len), got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {t.dtype}; use .long()")
+            if t.dim() != 2 or t.numel() == 0:
+                raise ValueError(f"{name} must be (batch, seq_len) with at least one token, got shape {tuple(t.shape)}")
+            if t is labels and labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            bad = (t < 0) | (t >= V)
+            for allowed in extra:
+                bad &= t != allowed
+            if bool(bad.any()):
+                value = int(t[bad][0])
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                allowed_text = f"[0, {V})" + (f" or {IGNORE_INDEX} (no loss)" if extra else "")
+                raise ValueError(
+                    f"{name} holds token id {value} at position {where}, outside the vocabulary {allowed_text} of this "
+                    f"model (vocab_size={V}); was it tokenized for another model?"
+                )
 
     @torch.no_grad()
     def update_expert_bias(
@@ -249,6 +273,10 @@ class Model(nn.Module):
         cfg = self.config
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer (experts to add per layer), got {n!r}")
+        if isinstance(live_layers, (str, bytes)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in live_layers
+        ):
+            raise ValueError(f"live_layers must be a list of MoE layer indices, got {live_layers!r}")
         if n % cfg.n_group:
             raise ValueError(
                 f"n={n} new experts do not split evenly over n_group={cfg.n_group} routing groups; the new experts "

@@ -181,6 +181,14 @@ class Router(nn.Module):
     def update_bias(self, counts: torch.Tensor, gamma: float, mask: torch.Tensor | None = None) -> None:
         """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), for the experts in
         ``mask`` (a bool (E,) tensor; None: all experts)."""
+        E = self.e_score_correction_bias.shape[0]
+        if not isinstance(counts, torch.Tensor) or counts.shape != (E,):
+            shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            raise ValueError(f"expert counts must be a tensor of shape ({E},) (tokens per expert), got {shape}")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != (E,) or mask.dtype != torch.bool):
+            raise ValueError(f"the balancing mask must be a bool tensor of shape ({E},)")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma (the bias update speed) must be a finite number >= 0, got {gamma}")
         load = counts.float().to(self.e_score_correction_bias.device)
         active = self.active.to(load.device)
         step = gamma * torch.sign(load[active].mean() - load)  # balance among the experts that exist

@@ -71,17 +71,34 @@ PATTERNS: tuple[str, ...] = (*WORD_PATTERNS, *STRUCTURE_PATTERNS)
 _WORDS = {name: re.compile(rx, re.IGNORECASE) for name, rx in WORD_PATTERNS.items()}
 _ANSWER_TEXT = re.compile(re.escape(ANSWER) + r"(.*?)(?=" + "|".join(re.escape(t) for t in TAGS) + r"|\Z)", re.DOTALL)
 _CLAUSE_SPLIT = re.compile(r"[.,;:\n]|" + "|".join(re.escape(t) for t in TAGS))
-_STEP = re.compile(r"(?P<lhs>[0-9(][0-9\s+\-*/()]*?)\s*=\s*(?P<rhs>-?\s*[0-9][0-9\s]*)")
+# the two sides of a step once whitespace is gone: each pattern has one way to match, so the scan is linear
+_LHS = re.compile(r"[0-9(][0-9+\-*/()]*")
+_RHS = re.compile(r"-?[0-9]+")
+
+
+def _step(clause: str) -> tuple[str, str] | None:
+    """``" 9 + 4 + 1 = 14 "`` -> ``("9+4+1", "14")``; None when the clause is not one computation.
+
+    Linear in the clause: split at its one ``=``, drop the whitespace, match each side. (A single pattern
+    with optional whitespace on both sides of ``=`` backtracks quadratically: 40,000 spaces took 20 s.)"""
+    lhs, eq, rhs = clause.partition("=")
+    if not eq or "=" in rhs:
+        return None
+    lhs, rhs = "".join(lhs.split()), "".join(rhs.split())
+    if _LHS.fullmatch(lhs) and _RHS.fullmatch(rhs) and any(op in lhs for op in "+-*/"):
+        return lhs, rhs
+    return None
 
 
 def steps_of(text: str) -> list[tuple[str, str]]:
     """The computations ``lhs = rhs`` of a text, in order, whitespace removed: ``[("7+3", "10"), ...]``."""
-    out = []
-    for clause in _CLAUSE_SPLIT.split(text):
-        m = _STEP.fullmatch(clause.strip())
-        if m and any(op in m["lhs"] for op in "+-*/"):
-            out.append((re.sub(r"\s+", "", m["lhs"]), re.sub(r"\s+", "", m["rhs"])))
-    return out
+    _check_text(text)
+    return [step for clause in _CLAUSE_SPLIT.split(text) if (step := _step(clause)) is not None]
+
+
+def _check_text(text: object, what: str = "text") -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string (a decoded completion), got {type(text).__name__}")
 
 
 def _reasoning(text: str) -> str:
@@ -108,6 +125,9 @@ def _step_patterns(text: str, reference: str | None) -> set[str]:
 
 def patterns_in(text: str, reference: str | None = None) -> set[str]:
     """The names of the patterns (``PATTERNS``) that occur in one completion."""
+    _check_text(text, "a completion")
+    if reference is not None:
+        _check_text(reference, "a reference")
     found = {name for name, rx in _WORDS.items() if rx.search(text)}
     found |= _step_patterns(text, reference)
     if text.count(THINK) > 1:
@@ -146,6 +166,10 @@ def aha_search(
     references: optional, one per completion: the task's correct trace of the same problem; repeated
     steps that the reference itself contains are not counted (see the module docstring).
     """
+    if isinstance(completions, str):
+        raise TypeError("completions must be a list of strings, got one string; wrap it: aha_search([text])")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
+        raise ValueError(f"max_examples must be an integer >= 0, got {max_examples!r}")
     if references is not None and len(references) != len(completions):
         raise ValueError(f"{len(references)} references for {len(completions)} completions")
     counts = dict.fromkeys(PATTERNS, 0)

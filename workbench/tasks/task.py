@@ -44,6 +44,7 @@ from typing import Any
 from workbench.tasks.rewards import ANSWER, ANSWER_END, THINK, THINK_END, accuracy_reward, format_reward
 
 PROBLEM_SPLITS = ("train", "test")
+
 PROMPT_TEMPLATE = "User: {question}\nAssistant:"
 
 
@@ -103,19 +104,25 @@ class Task:
         """
         if split not in PROBLEM_SPLITS:
             raise ValueError(f"split must be one of {PROBLEM_SPLITS}, got {split!r}")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n (the number of problems) must be an integer >= 0, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
         out: list[Example] = []
         seen: set[str] = set()
-        tries = 0
+        misses = 0  # draws in a row that found nothing new
         while len(out) < n:
-            tries += 1
-            if tries > 100 * n + 1000:
-                raise ValueError(f"task {self.name!r} has fewer than {n} distinct {split} problems; ask for fewer")
             ex = self.make(rng)
             if ex.key in seen or self.split_of(ex) != split:
+                misses += 1
+                if misses > 10 * len(seen) + 10_000:  # a pool of P problems misses one in P draws: exhausted
+                    raise ValueError(
+                        f"task {self.name!r} has only about {len(out)} distinct {split} problems, fewer than the "
+                        f"{n} asked for; ask for at most {len(out)}"
+                    )
                 continue
+            misses = 0
             seen.add(ex.key)
             out.append(ex)
         return out
