@@ -167,7 +167,7 @@ class MLA(nn.Module):
             out = out.transpose(1, 2)  # (B, T, H, d_v)
         elif mode == "absorb":
             # Absorb W_UK into the query and W_UV into the output: attention runs on the latent
-            w = self.kv_b_proj.weight.view(H, d_nope + d_v, r)
+            w = _effective_weight(self.kv_b_proj).view(H, d_nope + d_v, r)
             w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]  # (H, d_nope, r), (H, d_v, r)
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
             if cache is not None:
@@ -182,6 +182,21 @@ class MLA(nn.Module):
         else:
             raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
         return self.o_proj(out.reshape(B, T, H * d_v))
+
+
+def _effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies: its ``weight``, plus the active adapters' deltas when a peft LoRA
+    layer wraps it (peft's ``.weight`` is the frozen base layer's: absorb mode would silently drop the adapter)."""
+    base = getattr(linear, "base_layer", None)
+    if base is None or not hasattr(linear, "get_delta_weight"):
+        return linear.weight
+    w = base.weight
+    if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
+        return w
+    for name in linear.active_adapters:
+        if name in linear.lora_A:
+            w = w + linear.get_delta_weight(name)
+    return w
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:

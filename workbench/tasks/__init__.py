@@ -12,6 +12,13 @@ The tasks
     It is the vertical of the add-an-expert lesson (``workbench.vertical``): new experts alone learn it;
     subtraction *with* borrowing (``arithmetic``) is a new procedure, which full fine-tuning of the tiny
     add model learns in about a thousand steps but new experts alone did not.
+``borrow``
+    Two-digit subtraction that always borrows in the ones column: ``What is 5 2 - 2 7?`` ->
+    ``2 - 7 < 0, 12 - 7 = 5, borrow 1. 5 - 1 - 2 = 2.`` -> ``2 5``. The hard vertical of lesson 9: a new
+    procedure on the add base's prompt layout.
+``lookup``
+    Read one of four records: ``A = 4 7, F = 3 2, C = 9 1, H = 5 5. What is C?`` -> ``9 1``. Outside
+    arithmetic, and it needs reading by content, which an add base never learnt (``lookup.py``).
 ``arithmetic``
     Two- and three-digit addition and subtraction (never negative), with column-by-column traces
     (``7 + 8 = 15, carry 1.`` / ``3 - 8 < 0, 13 - 8 = 5, borrow 1.``).
@@ -46,11 +53,13 @@ from workbench.tasks.integers import (
     integer_verify,
     make_add,
     make_arithmetic,
+    make_borrow,
     make_sub,
     parse_int,
     spell,
     subtraction_steps,
 )
+from workbench.tasks.lookup import lookup_prompt, lookup_trace, lookup_verify, make_lookup
 from workbench.tasks.roman import make_roman, parse_roman, roman_trace, roman_verify, to_roman
 from workbench.tasks.task import PROBLEM_SPLITS, PROMPT_TEMPLATE, Example, Task, chat_prompt, split_of_key
 
@@ -72,6 +81,24 @@ TASKS: dict[str, Task] = {
         parse_answer=parse_int,
         verify=integer_verify,
         trace=integer_trace,
+    ),
+    "borrow": Task(
+        name="borrow",
+        description="two-digit subtraction that borrows in the ones column (the hard vertical of lesson 9)",
+        make=make_borrow,
+        prompt=integer_prompt,
+        parse_answer=parse_int,
+        verify=integer_verify,
+        trace=integer_trace,
+    ),
+    "lookup": Task(
+        name="lookup",
+        description="read one of four letter = value records (a vertical outside arithmetic)",
+        make=make_lookup,
+        prompt=lookup_prompt,
+        parse_answer=parse_int,
+        verify=lookup_verify,
+        trace=lookup_trace,
     ),
     "arithmetic": Task(
         name="arithmetic",
@@ -108,7 +135,7 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``add``, ``sub``, ``arithmetic``, ``countdown``, ``roman``)."""
+    """The task called ``name`` (``add``, ``sub``, ``borrow``, ``lookup``, ``arithmetic``, ``countdown``, ``roman``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]

@@ -1,4 +1,4 @@
-"""Integer tasks: ``add``, ``sub`` and ``arithmetic``, with column-by-column worked traces."""
+"""Integer tasks: ``add``, ``sub``, ``borrow`` and ``arithmetic``, with column-by-column worked traces."""
 
 from __future__ import annotations
 
@@ -66,6 +66,21 @@ def make_sub(rng: random.Random) -> Example:
     a, b = 10 * a1 + a0, 10 * b1 + b0
     question = f"What is {spell(a)} - {spell(b)}?"
     return Example("sub", f"{a}-{b}", question, spell(a - b), {"a": a, "b": b, "op": "-"})
+
+
+def make_borrow(rng: random.Random) -> Example:
+    """Two-digit subtraction that always borrows in the ones column (a0 < b0, a1 > b1): ``5 2 - 2 7``.
+
+    A new procedure for a model that adds: the ones column forms a number it never wrote (``12 - 7``) and
+    the tens column must carry the borrow (``5 - 1 - 2``). 1620 distinct problems, about a fifth held out.
+    """
+    a1 = rng.randint(2, 9)
+    b1 = rng.randint(1, a1 - 1)
+    b0 = rng.randint(1, 9)
+    a0 = rng.randint(0, b0 - 1)
+    a, b = 10 * a1 + a0, 10 * b1 + b0
+    question = f"What is {spell(a)} - {spell(b)}?"
+    return Example("borrow", f"{a}-{b}", question, spell(a - b), {"a": a, "b": b, "op": "-"})
 
 
 def make_arithmetic(rng: random.Random) -> Example:
