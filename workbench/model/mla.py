@@ -146,11 +146,10 @@ class KVCache:
             return
         used = self.valid.any(dim=0)  # (S,)
         first = int(used.int().argmax()) if bool(used.any()) else self.length
-        if first == 0:
-            return
-        self.layers = {i: {k: v[:, first:] for k, v in d.items()} for i, d in self.layers.items()}
-        self.valid = self.valid[:, first:]
-        self.length -= first
+        if first:
+            self.layers = {i: {k: v[:, first:] for k, v in d.items()} for i, d in self.layers.items()}
+            self.valid = self.valid[:, first:]
+            self.length -= first
         if bool(self.valid.all()):
             self.valid = None
 

@@ -165,9 +165,10 @@ class Model(nn.Module):
                 raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(t.shape)}")
         if cache is not None and cache.length and cache.batch_size not in (0, B):
             raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
-        padded = (
-            attention_mask is not None or position_ids is not None or (cache is not None and cache.valid is not None)
-        )
+        cache_padded = cache is not None and cache.valid is not None
+        if attention_mask is not None and position_ids is None and not cache_padded and bool(attention_mask.all()):
+            attention_mask = None  # nothing is padded: the unmasked path, bit for bit
+        padded = attention_mask is not None or position_ids is not None or cache_padded
         if not padded:  # every row at the same positions, nothing to mask: the plain causal path
             cos, sin = self.rope(cache.length if cache is not None else 0, T)
             return cos, sin, None, None
