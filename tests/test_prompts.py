@@ -102,3 +102,89 @@ def test_ask_command_runs_a_grown_model(tmp_path, capsys):
     del data["model"]
     assert main(["ask", "--prompts", str(_write(tmp_path, data))]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+# ---- hardening: what a server reading these files at start must survive ---------------------------------
+PROMPT = {"name": "a", "template": "{n}", "inputs": [{"n": 1}]}
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path):
+    import os
+
+    from workbench.serve import prompts as P
+
+    folder = tmp_path / "set.yaml"
+    folder.mkdir()
+    with pytest.raises(PromptSetError, match="is a directory"):
+        load_prompt_set(folder)
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: a blocking open would hang the test forever
+    with pytest.raises(PromptSetError, match="not a regular file"):
+        load_prompt_set(fifo)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"name": "x", "prompts": [PROMPT], "description": "d" * P.MAX_FILE_BYTES}))
+    with pytest.raises(PromptSetError, match="bytes; a prompt set is at most"):
+        load_prompt_set(big)
+
+
+def test_yaml_alias_bombs_and_deep_nesting_are_refused(tmp_path):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    bomb = "\n".join(lines) + "\nname: x\nprompts: [{name: a, template: t}]\n"
+    with pytest.raises(PromptSetError, match="expands to more than"):
+        load_prompt_set(_write(tmp_path, bomb, "bomb.yaml"))
+    deep = "name: x\nprompts: [{name: a, template: t}]\ndescription: " + "[" * 200 + "]" * 200 + "\n"
+    with pytest.raises(PromptSetError, match="nested deeper than"):
+        load_prompt_set(_write(tmp_path, deep, "deep.yaml"))
+    deep_json = '{"name": "x", "prompts": [], "description": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "deep.json").write_text(deep_json)
+    with pytest.raises(PromptSetError, match="nested deeper than"):
+        load_prompt_set(tmp_path / "deep.json")
+    shallow_but_deep = '{"name": "x", "prompts": [], "description": ' + "[" * 40 + "]" * 40 + "}"
+    (tmp_path / "deep40.json").write_text(shallow_but_deep)  # parses, then the depth check refuses it
+    with pytest.raises(PromptSetError, match="nested deeper than"):
+        load_prompt_set(tmp_path / "deep40.json")
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("What is {}?", "positional field"),
+        ("What is {0}?", "positional field"),
+        ("What is {n.real}?", "plain name"),
+        ("What is {n[0]}?", "plain name"),
+        ("What is {n:>999999999}?", "a width of 999999999 is too large"),
+        ("What is {n:.100000f}?", "a precision of 100000 is too large"),
+        ("What is {n:{w}}?", "nested fields"),
+        ("What is {n!x}?", "conversion"),
+        ("What is {n", "malformed braces"),
+        ("What is {n:bogus}?", "is not a format spec"),
+    ],
+)
+def test_templates_are_checked_at_load_naming_the_file_and_prompt(tmp_path, template, message):
+    path = _write(tmp_path, {"name": "x", "prompts": [{"name": "ask", "template": template, "inputs": [{"n": 5}]}]})
+    with pytest.raises(PromptSetError, match=message) as err:
+        load_prompt_set(path)
+    assert str(path) in str(err.value) and "(ask)" in str(err.value)
+
+
+def test_values_the_template_cannot_take_are_found_at_load_and_in_requests(tmp_path):
+    from workbench.serve.prompts import PromptInputError
+
+    path = _write(
+        tmp_path, {"name": "x", "prompts": [{"name": "ask", "template": "{n:digits}", "inputs": [{"n": "x"}]}]}
+    )
+    with pytest.raises(PromptSetError, match=r"inputs\[0\].*digits"):
+        load_prompt_set(path)
+    s = load_prompt_set(_write(tmp_path, {"name": "x", "prompts": [PROMPT]}))
+    (p,) = s.prompts
+    with pytest.raises(PromptInputError, match="remove") as err:
+        p.render({"n": 1, "m": 2}, strict=True)
+    assert err.value.field == "m"
+    with pytest.raises(PromptInputError, match="needs") as err:
+        p.render({}, strict=True)
+    assert err.value.field == "n"
+    with pytest.raises(PromptInputError, match="must be a string, a number or a boolean"):
+        p.render({"n": [1, 2]}, strict=True)
+    with pytest.raises(PromptInputError, match="characters"):
+        p.render({"n": "y" * 20_000}, strict=True)

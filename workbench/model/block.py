@@ -35,8 +35,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mode: str = "naive",
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mode=mode, cache=cache)  # (B, T, D)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mode=mode, cache=cache, mask=mask)  # (B, T, D)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, stats = self.mlp(h)

@@ -31,8 +31,15 @@ Two ways to compute the same thing:
   ``[c_KV ; k_pe]`` (width r + d_r) and whose single value is ``c_KV``. The cache holds only
   ``c_KV`` and ``k_pe``.
 
-Both modes give the same outputs up to float rounding (tested). Simplifications: no dropout, no
-attention bias terms, no padding masks (sequences in a batch share their length).
+Both modes give the same outputs up to float rounding (tested).
+
+Padding. Sequences of different lengths share a batch by padding, and a mask keeps every real token from
+seeing a pad: ``KVCache.valid`` (B, S) marks the cache slots that hold real tokens, and ``padded_layout``
+turns it into the attention rule "query slot q sees key slot s when s <= q and s is real" (a pad sees only
+itself, so nothing is ever fully masked and no row turns into NaN) and into each row's positions (a real
+token's position is the number of real tokens before it in its row, so a left-padded prompt is rotated
+exactly as the same prompt alone). Without padding (``valid`` None) attention takes the unmasked path,
+unchanged. Simplifications: no dropout, no attention bias terms.
 """
 
 from __future__ import annotations
@@ -53,15 +60,21 @@ LATENT_NORM_EPS = 1e-6
 class KVCache:
     """What attention keeps between decoding steps, for every layer of one model.
 
-    Per layer (keyed by its index) a dict of tensors whose dim 1 is the sequence:
+    Per layer (keyed by its index) a dict of tensors whose dim 0 is the batch row and dim 1 the slot:
     absorb mode: ``c_kv`` (B, S, kv_lora_rank) and ``k_pe`` (B, S, qk_rope_head_dim);
     naive mode: ``k`` (B, S, H, qk_head_dim) and ``v`` (B, S, H, v_head_dim).
-    ``length`` counts the positions already cached; ``truncate`` rolls back (speculative decoding).
+    ``length`` counts the slots already cached (S); ``truncate`` rolls back (speculative decoding).
+    ``valid`` (B, S) bool marks the slots that hold real tokens, None when every slot does (no padding).
+
+    Rows can be taken out (``select``), joined (``concat``, which left-pads the shorter caches so that all
+    rows end at the same slot) and read out token by token (``row``): what a server batching requests that
+    come and go needs (``workbench.serve.engine``).
     """
 
     def __init__(self) -> None:
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         self.length = 0
+        self.valid: torch.Tensor | None = None  # (B, S) bool, None: no padding anywhere
 
     def update(self, layer_idx: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Append this step's entries to layer ``layer_idx`` and return everything cached there."""
@@ -86,11 +99,156 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.layers = {i: {k: v[:, :length] for k, v in d.items()} for i, d in self.layers.items()}
+        if self.valid is not None:
+            self.valid = self.valid[:, :length]
         self.length = length
 
     def nbytes(self) -> int:
         """Bytes held by the cache (all layers, all sequences of the batch)."""
         return sum(t.numel() * t.element_size() for d in self.layers.values() for t in d.values())
+
+    # ---- rows: what continuous batching needs ---------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        for d in self.layers.values():
+            for t in d.values():
+                return t.shape[0]
+        return 0 if self.valid is None else self.valid.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        for d in self.layers.values():
+            for t in d.values():
+                return t.device
+        return torch.device("cpu") if self.valid is None else self.valid.device
+
+    def valid_mask(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """(batch, length) bool: the real slots (all of them when the cache has no padding)."""
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(batch, self.length, dtype=torch.bool, device=device)
+
+    def select(self, rows: list[int] | torch.Tensor) -> KVCache:
+        """A cache of these rows only (in this order), without the slots that none of them uses."""
+        out = KVCache()
+        index = torch.as_tensor(rows, dtype=torch.long)
+        for i, d in self.layers.items():
+            out.layers[i] = {k: v.index_select(0, index.to(v.device)) for k, v in d.items()}
+        out.length = self.length
+        if self.valid is not None:
+            out.valid = self.valid.index_select(0, index.to(self.valid.device))
+        out.trim()
+        return out
+
+    def trim(self) -> None:
+        """Drop the leading slots that are padding in every row (a row that left took them with it)."""
+        if self.valid is None or self.valid.shape[0] == 0:
+            return
+        used = self.valid.any(dim=0)  # (S,)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first:
+            self.layers = {i: {k: v[:, first:] for k, v in d.items()} for i, d in self.layers.items()}
+            self.valid = self.valid[:, first:]
+            self.length -= first
+        if bool(self.valid.all()):
+            self.valid = None
+
+    @staticmethod
+    def concat(caches: list[KVCache]) -> KVCache:
+        """The rows of several caches in one, each left-padded to the longest so that all end together."""
+        caches = [c for c in caches if c.batch_size > 0]
+        out = KVCache()
+        if not caches:
+            return out
+        S = max(c.length for c in caches)
+        names = {i: sorted(d) for i, d in caches[0].layers.items()}
+        for c in caches:
+            if {i: sorted(d) for i, d in c.layers.items()} != names:
+                raise ValueError("cannot join caches of different layers or attention modes")
+        for i, keys in names.items():
+            out.layers[i] = {k: torch.cat([_left_pad(c.layers[i][k], S) for c in caches], dim=0) for k in keys}
+        out.valid = torch.cat([_left_pad(c.valid_mask(c.batch_size, c.device), S) for c in caches], dim=0)
+        out.length = S
+        if bool(out.valid.all()):
+            out.valid = None
+        return out
+
+    def row(self, b: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Row ``b``'s entries at its real slots, in token order: per layer {name: (n_real, ...)}."""
+        if self.valid is None:
+            return {i: {k: v[b] for k, v in d.items()} for i, d in self.layers.items()}
+        idx = self.valid[b].nonzero().view(-1)
+        return {i: {k: v[b].index_select(0, idx.to(v.device)) for k, v in d.items()} for i, d in self.layers.items()}
+
+    @staticmethod
+    def from_rows(rows: list[dict[int, dict[str, torch.Tensor]] | None]) -> KVCache:
+        """A cache holding these token runs (per layer {name: (n_b, ...)}; None: nothing), left-padded to the
+        longest. Empty when no row holds anything."""
+        out = KVCache()
+        known = next((r for r in rows if r), None)
+        if known is None:
+            return out
+        # a row with nothing cached (None) is a run of length 0 of the same shapes
+        rows = [r if r else {i: {k: v[:0] for k, v in d.items()} for i, d in known.items()} for r in rows]
+        S = max(_row_length(r) for r in rows)
+        layer_names = {i: sorted(d) for i, d in known.items()}
+        for i, keys in layer_names.items():
+            out.layers[i] = {k: torch.cat([_left_pad(r[i][k][None], S) for r in rows], dim=0) for k in keys}
+        slots = torch.arange(S, device=out.device)
+        out.valid = torch.stack([slots >= S - _row_length(r) for r in rows])  # (B, S): the real slots are the last n_b
+        out.length = S
+        if bool(out.valid.all()):
+            out.valid = None
+        return out
+
+
+def _row_length(row: dict[int, dict[str, torch.Tensor]]) -> int:
+    for d in row.values():
+        for t in d.values():
+            return t.shape[0]
+    return 0
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """t (B, S, ...) -> (B, length, ...) with zeros (False) in the first length - S slots."""
+    missing = length - t.shape[1]
+    if missing == 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], missing, *t.shape[2:])), t], dim=1)
+
+
+def padded_layout(
+    batch: int,
+    T: int,
+    cache: KVCache | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions, attention rule and cache validity for T new tokens per row when rows are padded.
+
+    attention_mask (B, T): 1 for the new real tokens, 0 for pads (None: all real). position_ids (B, T):
+    explicit positions (default: the real tokens before each one in its row, cached ones included).
+    Returns positions (B, T), allowed (B, 1, T, S) bool (query slot past + t sees key slot s when s <= it and
+    s is real, and always itself) and valid (B, S) over the S = past + T slots.
+    """
+    past = cache.length if cache is not None else 0
+    new_valid = (
+        torch.ones(batch, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    )
+    old_valid = cache.valid_mask(batch, device) if cache is not None else new_valid[:, :0]
+    valid = torch.cat([old_valid, new_valid], dim=1)  # (B, S)
+    if position_ids is None:
+        before = old_valid.sum(dim=1, keepdim=True)  # (B, 1) real tokens already cached
+        positions = (before + new_valid.cumsum(dim=1) - 1).clamp_min(0)  # a pad takes its predecessor's (unused)
+    else:
+        positions = position_ids.long()
+    q_slot = past + torch.arange(T, device=device)  # (T,)
+    k_slot = torch.arange(past + T, device=device)  # (S,)
+    causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+    itself = k_slot[None, :] == q_slot[:, None]  # (T, S)
+    allowed = causal[None] & (valid[:, None, :] | itself[None])  # (B, T, S)
+    return positions, allowed[:, None], valid
 
 
 class MLA(nn.Module):
@@ -127,7 +285,10 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         mode: str = "naive",
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, d_rope/2), or (B, T, d_rope/2) for per-row positions; mask (B, 1, T, S)
+        bool from ``padded_layout`` (None: causal, no padding)."""
         B, T, _ = x.shape
         H, r, d_nope, d_rope, d_v = (
             self.n_heads,
@@ -162,7 +323,7 @@ class MLA(nn.Module):
                 k, v = stored["k"], stored["v"]  # (B, S, H, ...)
             q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, d_qk)
             out = _attention(
-                q_full.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, self.softmax_scale
+                q_full.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, self.softmax_scale, mask
             )  # (B, H, T, d_v)
             out = out.transpose(1, 2)  # (B, T, H, d_v)
         elif mode == "absorb":
@@ -177,7 +338,7 @@ class MLA(nn.Module):
             q_mqa = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, r + d_rope)
             k_mqa = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # (B, 1, S, r + d_rope)
             v_mqa = c_kv[:, None]  # (B, 1, S, r)
-            o_lat = _attention(q_mqa, k_mqa, v_mqa, past, self.softmax_scale)  # (B, H, T, r)
+            o_lat = _attention(q_mqa, k_mqa, v_mqa, past, self.softmax_scale, mask)  # (B, H, T, r)
             out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # (B, T, H, d_v)
         else:
             raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
@@ -199,13 +360,18 @@ def _effective_weight(linear: nn.Module) -> torch.Tensor:
     return w
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal scaled dot-product attention for queries at positions past..past+T-1 over keys 0..S-1.
 
     q (B, H, T, d), k (B, Hk, S, d), v (B, Hk, S, dv) with Hk = H or 1 -> (B, H, T, dv).
+    mask (B, 1, T, S) bool: the padded rule of ``padded_layout`` instead of the plain causal one.
     """
     T, S = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if past == 0 and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if T == 1:  # one new token sees everything cached

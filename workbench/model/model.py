@@ -35,7 +35,7 @@ from workbench.fp8 import convert_to_fp8
 from workbench.model.accounting import check_fits
 from workbench.model.block import Block
 from workbench.model.layers import RMSNorm
-from workbench.model.mla import KVCache
+from workbench.model.mla import KVCache, padded_layout
 from workbench.model.moe import GrowthLayout, RoutedExperts, Router, RoutingStats
 from workbench.model.mtp import MTPModule
 from workbench.model.rope import rope_tables
@@ -128,6 +128,7 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (length, d_rope/2) of positions start .. start + length - 1 (every row alike)."""
         end = start + length
         if end > self.config.max_position_embeddings:
             raise ValueError(
@@ -137,6 +138,44 @@ class Model(nn.Module):
             )
         return self.rope_cos[start:end], self.rope_sin[start:end]
 
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, d_rope/2) of per-row positions (B, T)."""
+        if positions.numel():
+            top, low = int(positions.max()), int(positions.min())
+            if top >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {top} exceeds max_position_embeddings={self.config.max_position_embeddings}; use "
+                    "shorter inputs or a config with a larger max_position_embeddings"
+                )
+            if low < 0:
+                raise ValueError(f"positions must be >= 0, got {low}")
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def _layout(
+        self,
+        B: int,
+        T: int,
+        cache: KVCache | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin, the attention mask (None: plain causal) and the cache's new validity of one forward."""
+        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(t.shape)}")
+        if cache is not None and cache.length and cache.batch_size not in (0, B):
+            raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {B}")
+        cache_padded = cache is not None and cache.valid is not None
+        if attention_mask is not None and position_ids is None and not cache_padded and bool(attention_mask.all()):
+            attention_mask = None  # nothing is padded: the unmasked path, bit for bit
+        padded = attention_mask is not None or position_ids is not None or cache_padded
+        if not padded:  # every row at the same positions, nothing to mask: the plain causal path
+            cos, sin = self.rope(cache.length if cache is not None else 0, T)
+            return cos, sin, None, None
+        positions, mask, valid = padded_layout(B, T, cache, attention_mask, position_ids, self.device)
+        cos, sin = self.rope_at(positions)
+        return cos, sin, mask, valid
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -145,27 +184,32 @@ class Model(nn.Module):
         cache: KVCache | None = None,
         attn_mode: str | None = None,
         compute_mtp: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput. With labels (B, T) the loss and its parts are computed.
 
         cache: a ``KVCache`` to read earlier positions from and append these to (generation).
         attn_mode: "naive" or "absorb" (default: the config's).
         compute_mtp: run the MTP modules (default: when labels are given).
+        attention_mask (B, T): 1 for real tokens, 0 for padding (Hugging Face's convention); a real token
+            never attends to a pad, and its position counts only the real tokens before it (the cache's
+            included). position_ids (B, T): explicit positions instead (as transformers takes them).
+            Without either (and a cache without padding) the model runs the unmasked causal path.
         """
         self._check_ids(input_ids, labels)
         B, T = input_ids.shape
         mode = attn_mode or self.config.attn_mode
-        past = cache.length if cache is not None else 0
-        cos, sin = self.rope(past, T)
+        cos, sin, mask, valid = self._layout(B, T, cache, attention_mask, position_ids)
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         routing: list[RoutingStats] = []
         for block in self.layers:
-            x, stats = block(x, cos, sin, mode=mode, cache=cache)
+            x, stats = block(x, cos, sin, mode=mode, cache=cache, mask=mask)
             if stats is not None:
                 routing.append(stats)
         if cache is not None:
-            cache.advance(T)
+            _commit(cache, T, valid)
         hidden = x  # (B, T, D)
         logits = self.lm_head(self.norm(hidden))  # (B, T, V)
         out = ModelOutput(logits=logits, hidden=hidden, routing=routing)
@@ -175,17 +219,26 @@ class Model(nn.Module):
         mtp_logits: list[torch.Tensor] = []
         if compute_mtp and len(self.mtp) > 0:
             h = hidden
+            own = None if mask is None else mask[..., -T:]  # MTP attends within these T tokens (no cache)
             for module in self.mtp:
                 k = module.depth
                 ahead = F.pad(input_ids[:, k:], (0, k))  # (B, T): token i+k at position i (tail padded)
-                h, stats = module(h, self.embed_tokens(ahead), cos, sin, mode=mode)
+                h, lg, stats = self._run_mtp(module, h, ahead, cos, sin, mode, None, own)
                 if stats is not None:
                     routing.append(stats)
-                mtp_logits.append(self.lm_head(module.shared_head.norm(h)))  # (B, T, V)
+                mtp_logits.append(lg)  # (B, T, V)
 
         if labels is not None:
-            out.main_loss = _shifted_cross_entropy(logits, labels, shift=1)
-            out.mtp_losses = [_shifted_cross_entropy(lg, labels, shift=i + 2) for i, lg in enumerate(mtp_logits)]
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            real = None
+            if attention_mask is not None:  # a pad is never predicted, nor predicts
+                real = attention_mask.bool()
+                labels = labels.masked_fill(~real, IGNORE_INDEX)
+            out.main_loss = _shifted_cross_entropy(logits, labels, shift=1, source=real)
+            out.mtp_losses = [
+                _shifted_cross_entropy(lg, labels, shift=i + 2, source=real) for i, lg in enumerate(mtp_logits)
+            ]
             loss = out.main_loss
             if out.mtp_losses:
                 out.mtp_loss = torch.stack(out.mtp_losses).mean()
@@ -222,6 +275,44 @@ class Model(nn.Module):
                     f"{name} holds token id {value} at position {where}, outside the vocabulary {allowed_text} of this "
                     f"model (vocab_size={V}); was it tokenized for another model?"
                 )
+
+    def _run_mtp(
+        self,
+        module: MTPModule,
+        h: torch.Tensor,
+        ahead: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mode: str,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, RoutingStats | None]:
+        """One MTP depth: h (B, T, D) and the tokens ahead (B, T) -> its hidden state, logits, routing."""
+        h, stats = module(h, self.embed_tokens(ahead), cos, sin, mode=mode, cache=cache, mask=mask)
+        return h, module.logits(h, self.lm_head), stats
+
+    def predict_ahead(
+        self,
+        hidden: torch.Tensor,
+        ahead_ids: torch.Tensor,
+        *,
+        depth: int = 1,
+        cache: KVCache | None = None,
+        attn_mode: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` on new positions, as in training: the main model's hidden states (B, m, D) at
+        positions i and the tokens that follow them (B, m) -> its hidden states (B, m, D) and logits (B, m, V)
+        for the tokens after those. With a ``cache`` (the module's own) the positions continue from it: what
+        speculative decoding drafts with."""
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"depth must be between 1 and num_nextn_predict_layers={len(self.mtp)}, got {depth}")
+        B, m = ahead_ids.shape
+        cos, sin, mask, valid = self._layout(B, m, cache, None, None)
+        h, logits, _ = self._run_mtp(self.mtp[depth - 1], hidden, ahead_ids, cos, sin,
+                                     attn_mode or self.config.attn_mode, cache, mask)  # fmt: skip
+        if cache is not None:
+            _commit(cache, m, valid)
+        return h, logits
 
     @torch.no_grad()
     def update_expert_bias(
@@ -301,12 +392,24 @@ class Model(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
-    """Cross-entropy of logits at position i against labels at position i + shift."""
+def _commit(cache: KVCache, n: int, valid: torch.Tensor | None) -> None:
+    """After every layer has appended its n new slots: the cache's length and which slots are real."""
+    cache.advance(n)
+    if valid is not None:
+        cache.valid = None if bool(valid.all()) else valid
+
+
+def _shifted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, shift: int, source: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of logits at position i against labels at position i + shift (only where ``source``
+    (B, T) is true at i, when given)."""
     B, T, V = logits.shape
     target = torch.full_like(labels, IGNORE_INDEX)
     if shift < T:
         target[:, : T - shift] = labels[:, shift:]
+        if source is not None:
+            target[:, : T - shift] = target[:, : T - shift].masked_fill(~source[:, : T - shift], IGNORE_INDEX)
     if (target != IGNORE_INDEX).sum() == 0:
         return logits.sum() * 0.0  # sequences too short for this depth: no signal, keep the graph
     return F.cross_entropy(logits.float().view(B * T, V), target.view(B * T), ignore_index=IGNORE_INDEX)

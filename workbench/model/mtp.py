@@ -15,7 +15,8 @@ model; each module owns only its norms, its projection and its block.
 The MTP loss is the mean of the modules' cross-entropies, added with weight lambda
 (``mtp_loss_weight``). It densifies the training signal and makes the model plan ahead. At inference
 the modules can be dropped, or reused to *draft* tokens for speculative decoding (``workbench.model.generate``):
-DeepSeek reports 85-90% acceptance of the second token.
+DeepSeek reports 85-90% acceptance of the second token. Training and drafting run the same code,
+``Model.predict_ahead`` (embedding, positions, this module's forward, the shared head).
 
 Storage follows DeepSeek's checkpoints: module k is saved as decoder layer
 ``num_hidden_layers + k - 1`` with extra ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head``
@@ -62,7 +63,12 @@ class MTPModule(Block):
         sin: torch.Tensor,
         mode: str = "naive",
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats | None]:
         """h_prev (B, T, D) and emb_ahead (B, T, D) -> this depth's hidden state (B, T, D)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_ahead), self.hnorm(h_prev)], dim=-1))  # (B, T, D)
-        return super().forward(x, cos, sin, mode=mode, cache=cache)
+        return super().forward(x, cos, sin, mode=mode, cache=cache, mask=mask)
+
+    def logits(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """This depth's predictions (B, T, vocab) through the shared output head."""
+        return lm_head(self.shared_head.norm(h))

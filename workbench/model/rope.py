@@ -91,8 +91,9 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (..., T, n, dim) by the angles of cos/sin (T, dim/2)."""
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()  # (..., T, n, dim/2)
-    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, dim/2): broadcast over heads
+    """Rotate interleaved pairs of x (B, T, n, dim) by the angles of cos/sin: (T, dim/2) when every row
+    has the same positions, (B, T, dim/2) when each row has its own (padded batches)."""
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()  # (B, T, n, dim/2)
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, dim/2) or (B, T, 1, dim/2): broadcast over heads
     out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (..., T, n, dim/2, 2)
     return out.flatten(-2).to(x.dtype)

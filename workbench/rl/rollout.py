@@ -1,10 +1,12 @@
 """Rollouts: sample completions for many prompts at once, cut them at the answer, score them.
 
-Our ``Model`` has no attention padding mask, so a batch can only hold prompts of the *same* length
-(left padding would let real tokens attend to pad tokens and change the result). ``sample_completions``
-therefore groups prompts by token length and samples each group as one batch, every prompt repeated
-``n`` times (GRPO's G samples per prompt). Sampling itself is ``workbench.model.generate.generate`` (the
-latent KV cache, temperature, top-p), stopped at ``</answer>``.
+``sample_completions`` samples many prompts in one batch, every prompt repeated ``n`` times (GRPO's G
+samples per prompt). Prompts of different lengths share a batch: ``generate`` pads them on the left and the
+model's attention mask keeps the pads out (``workbench.model.mla.padded_layout``), so a row samples as it
+would alone. Prompts are sorted by length first, so that a batch mixes only lengths that are close and
+little compute goes to padding; a batch whose prompts are all one length runs the unmasked path.
+Sampling itself is ``workbench.model.generate.generate`` (the latent KV cache, temperature, top-p),
+stopped at ``</answer>``.
 
 After sampling, each completion is cut right after its first stop token (``</answer>`` or
 ``<|eos|>``); what the batch produced after that is padding. Training then *right*-pads
@@ -72,33 +74,34 @@ def sample_completions(
     generator: torch.Generator | None = None,
     max_batch: int = 256,
 ) -> Rollouts:
-    """``n`` completions of every prompt; rows come out prompt by prompt (prompt 0's n, then prompt 1's ...)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    """``n`` completions of every prompt; rows come out prompt by prompt (prompt 0's n, then prompt 1's ...).
+
+    Up to ``max_batch`` rows are sampled together, prompts of any lengths mixed (left-padded, masked)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
     prompts = [list(p) for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
+    if any(not p for p in prompts):
+        raise ValueError("every prompt must hold at least one token (encode_prompt adds <|bos|>)")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: equal lengths keep their order
     per_prompt: dict[int, list[tuple[list[int], bool]]] = {}
     stop_set = set(stop)
     per_batch = max(1, max_batch // n)  # prompts per generate() call
-    for length in sorted(by_length):
-        members = by_length[length]
-        for c in range(0, len(members), per_batch):
-            chunk = members[c : c + per_batch]
-            batch = torch.tensor([prompts[i] for i in chunk for _ in range(n)], device=model.device)  # (b*n, L)
-            out = generate(
-                model,
-                batch,
-                max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                eos_id=stop[0],
-                generator=generator,
-            )
-            new = out[:, length:].tolist()  # (b*n, <= max_new_tokens)
-            for j, i in enumerate(chunk):
-                per_prompt[i] = [_cut(new[j * n + k], stop_set) for k in range(n)]
+    for c in range(0, len(order), per_batch):
+        chunk = order[c : c + per_batch]
+        rows = [prompts[i] for i in chunk for _ in range(n)]  # (b*n) prompts, left-padded by generate
+        out = generate(
+            model,
+            rows,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=stop[0],
+            generator=generator,
+        )
+        width = max(len(r) for r in rows)
+        new = out[:, width:].tolist()  # (b*n, <= max_new_tokens)
+        for j, i in enumerate(chunk):
+            per_prompt[i] = [_cut(new[j * n + k], stop_set) for k in range(n)]
     prompt_index, completions, finished = [], [], []
     for i in range(len(prompts)):
         for ids, done in per_prompt[i]:
