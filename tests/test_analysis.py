@@ -33,7 +33,11 @@ def test_knock_outs_change_the_output_and_restore_it(model, batches):
     ids = batches[0]
     before = model(ids).logits
     moe = _moe(model)
-    for ctx in (routing.shared_expert_off(moe), routing.routed_expert_off(moe, 0), routing.routed_expert_masked(moe, 0)):
+    for ctx in (
+        routing.shared_expert_off(moe),
+        routing.routed_expert_off(moe, 0),
+        routing.routed_expert_masked(moe, 0),
+    ):
         with ctx:
             during = model(ids).logits
         assert not torch.equal(during, before)
@@ -48,9 +52,8 @@ def test_routed_off_keeps_routing_while_mask_reroutes(model, batches):
         assert torch.equal(model(ids).routing[0].topk_idx, chosen)
     with routing.routed_expert_masked(moe, 0):
         assert not (model(ids).routing[0].topk_idx == 0).any()
-    with pytest.raises(ValueError, match="expert must be in"):
-        with routing.routed_expert_off(moe, 99):
-            pass
+    with pytest.raises(ValueError, match="expert must be in"), routing.routed_expert_off(moe, 99):
+        pass
 
 
 def test_effective_experts_counts_spread():
@@ -124,7 +127,8 @@ def test_claim_labels_follow_their_rules():
         claims.Finding("params-571", "holds", "x", claims.compare_figure(571e9, 671.03e9)[1])
     with pytest.raises(ValueError, match="unknown claim"):
         claims.claim("nope")
-    with pytest.raises(ValueError, match="both hold and fail"):
+    assert claims.judge(_verdict(0.1, 0.2), misquoted=["a"])[0] == "misquoted"
+    with pytest.raises(ValueError, match="two labels"):
         claims.judge(_verdict(0.1, 0.2), holds=["a"], fails=["a"])
 
 
@@ -136,7 +140,11 @@ def test_claims_link_to_their_sections():
 
 def test_findings_are_collected_from_executed_notebooks(tmp_path):
     f = claims.Finding.of("params-571", claims.compare_figure(571e9, 671.03e9), "671.03B counted")
-    out = {"output_type": "display_data", "data": {"text/markdown": f.markdown()}, "metadata": {claims.CLAIM_KEY: f.record()}}
+    out = {
+        "output_type": "display_data",
+        "data": {"text/markdown": f.markdown()},
+        "metadata": {claims.CLAIM_KEY: f.record()},
+    }
     nb = {"cells": [{"cell_type": "code", "outputs": [out], "source": ""}], "metadata": {}, "nbformat": 4}
     (tmp_path / "05_economics.ipynb").write_text(json.dumps(nb))
     found = claims.collect_findings(tmp_path)

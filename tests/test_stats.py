@@ -187,6 +187,17 @@ def test_formatting():
     assert mean_interval([1.0, 2.0, 3.0]).fmt(2) == "2.00 ± 2.48"
     assert proportion(1, 4).fmt(2).startswith("0.25 [")
     assert "no interval" in mean_interval([1.0], unit="seeds").fmt()
-    v = Verdict.compare("X", [0.5, 0.6, 0.55], "Y", [0.2, 0.25, 0.22], paired=True, metric="accuracy",
-                        better="higher", knob="seeds", scale=100, suffix="%", digits=1)
+    v = Verdict.compare(
+        "X",
+        [0.5, 0.6, 0.55],
+        "Y",
+        [0.2, 0.25, 0.22],
+        paired=True,
+        metric="accuracy",
+        better="higher",
+        knob="seeds",
+        scale=100,
+        suffix="%",
+        digits=1,
+    )
     assert v.text.startswith("**X** beats **Y** in accuracy by **32.7%")

@@ -54,6 +54,7 @@ REPORTED: dict[str, Reported] = {
     "mtp_params": Reported(14e9, "parameters (with its copies of embedding and head)", "DeepSeek-V3 report, §4.2"),
     "train_tokens": Reported(14.8e12, "tokens", "DeepSeek-V3 report, abstract"),
     "pretrain_context": Reported(4096, "tokens", "DeepSeek-V3 report, §4.2"),
+    "batch_sequences": Reported(15360, "sequences per batch (after the batch-size warmup)", "DeepSeek-V3 report, §4.2"),
     "hours_pretrain": Reported(2664e3, "H800 GPU hours", "DeepSeek-V3 report, Table 1"),
     "hours_context": Reported(119e3, "H800 GPU hours", "DeepSeek-V3 report, Table 1"),
     "hours_post": Reported(5e3, "H800 GPU hours", "DeepSeek-V3 report, Table 1"),
@@ -95,47 +96,114 @@ class Claim:
 
 
 CLAIMS: list[Claim] = [
-    Claim("moe-silos", "A mixture of experts divides the problem vertically into silos",
-          "03_expert_routing.ipynb", "Do the domains have experts of their own?",
-          "specialisation of the trained router against random routers, and each domain's favourite expert knocked out"),
-    Claim("update-horizontal", "Limiting the part of the network that is updated divides the problem horizontally",
-          "01_tour.ipynb", "1. What is active per token, and what a step updates",
-          "the share of parameters one training step changes, against the share one token uses",
-          also="09_add_a_vertical.ipynb (only new experts train)"),
-    Claim("phrases-smaller", "Predicting phrases instead of tokens reduces the network numerically",
-          "04_multi_token_prediction.ipynb", "What MTP costs",
-          "parameters and training FLOPs with and without the MTP module"),
-    Claim("int8-outputs", "Eight-bit weights reduce memory without affecting the outputs",
-          "06_fp8.ipynb", "6. Serving with 8-bit weights",
-          "memory against BF16, greedy text, arithmetic accuracy and next-token agreement of 8-bit weights"),
-    Claim("fp8-rounding", "FP8 is like rounding $10.857643 to $10.86",
-          "06_fp8.ipynb", "1. Two eight-bit formats", "the price cast to E4M3, E5M2 and BF16"),
-    Claim("mla-jpeg", "MLA compresses the cache like JPEG, or like meeting minutes",
-          "02_mla_kv_cache.ipynb", "4. A trained-in bottleneck or a compressed cache?",
-          "a model trained with a small latent against a full-rank model's cache compressed after training"),
-    Claim("experts-256-1-8", "256 specialists, 1 generalist, 8 per task",
-          "03_expert_routing.ipynb", "How many experts does one domain use?",
-          "the configuration, and the number of experts one domain's tokens spread over"),
-    Claim("params-571", "37 billion out of 571 billion", "05_economics.ipynb",
-          "5. The economics: parameters, FLOPs and a training bill", "parameters counted on the meta device"),
-    Claim("cost-5.6m", "$5.6M = 2,788 thousand H800 hours at $2", "05_economics.ipynb",
-          "Hours, utilisation and cost", "the report's hours times its price, and what the figure leaves out"),
-    Claim("aux-free-95", "Auxiliary-loss-free balancing led to a 95 per cent decrease in GPU usage",
-          "03_expert_routing.ipynb", "Two runs: with and without loss-free balancing",
-          "MaxVio and FLOPs per token with and without the balancing bias"),
-    Claim("r1zero-autonomous", "R1-Zero developed reasoning autonomously, with aha moments",
-          "07_r1_reward_curves.ipynb", "A control: a base that never saw reasoning",
-          "GRPO from a base whose corpus never shows reasoning, and a search for aha moments"),
-    Claim("distill-teaching", "Distillation: AI teaching AI", "08_distillation.ipynb", "Three students, one budget",
-          "a student trained on the teacher's traces against its own base and against RL of its own"),
-    Claim("caching", "Caching makes a repeated prompt a tenth of the price", "12_claims_ledger.ipynb",
-          "Rows measured elsewhere", "DeepSeek's published prices for a cache hit and a miss",
-          also="10 (serving: prefix caching measured)"),
-    Claim("sms-20-132", "20 of 132 SMs reserved for communication", "12_claims_ledger.ipynb",
-          "Rows measured elsewhere", "the share of an H800 the report gives to communication",
-          also="11 (communication measured)"),
-    Claim("mtp-two-words", "It predicts two words at once", "04_multi_token_prediction.ipynb",
-          "Speculative decoding with the MTP head", "tokens per word, and tokens per main-model pass when MTP drafts"),
+    Claim(
+        "moe-silos",
+        "A mixture of experts divides the problem vertically into silos",
+        "03_expert_routing.ipynb",
+        "Do the domains have experts of their own?",
+        "specialisation of the trained router against random routers, and each domain's favourite expert knocked out",
+    ),
+    Claim(
+        "update-horizontal",
+        "Limiting the part of the network that is updated divides the problem horizontally",
+        "01_tour.ipynb",
+        "1. What is active per token, and what a step updates",
+        "the share of parameters one training step changes, against the share one token uses",
+        also="09_add_a_vertical.ipynb (only new experts train)",
+    ),
+    Claim(
+        "phrases-smaller",
+        "Predicting phrases instead of tokens reduces the network numerically",
+        "04_multi_token_prediction.ipynb",
+        "What MTP costs",
+        "parameters and training FLOPs with and without the MTP module",
+    ),
+    Claim(
+        "int8-outputs",
+        "Eight-bit weights reduce memory without affecting the outputs",
+        "06_fp8.ipynb",
+        "6. Serving with 8-bit weights",
+        "memory against BF16, greedy text, arithmetic accuracy and next-token agreement of 8-bit weights",
+    ),
+    Claim(
+        "fp8-rounding",
+        "FP8 is like rounding $10.857643 to $10.86",
+        "06_fp8.ipynb",
+        "1. Two eight-bit formats",
+        "the price cast to E4M3, E5M2 and BF16",
+    ),
+    Claim(
+        "mla-jpeg",
+        "MLA compresses the cache like JPEG, or like meeting minutes",
+        "02_mla_kv_cache.ipynb",
+        "4. A trained-in bottleneck or a compressed cache?",
+        "a model trained with a small latent against a full-rank model's cache compressed after training",
+    ),
+    Claim(
+        "experts-256-1-8",
+        "256 specialists, 1 generalist, 8 per task",
+        "03_expert_routing.ipynb",
+        "How many experts does one domain use?",
+        "the configuration, and the number of experts one domain's tokens spread over",
+    ),
+    Claim(
+        "params-571",
+        "37 billion out of 571 billion",
+        "05_economics.ipynb",
+        "5. The economics: parameters, FLOPs and a training bill",
+        "parameters counted on the meta device",
+    ),
+    Claim(
+        "cost-5.6m",
+        "$5.6M = 2,788 thousand H800 hours at $2",
+        "05_economics.ipynb",
+        "Hours, utilisation and cost",
+        "the report's hours times its price, and what the figure leaves out",
+    ),
+    Claim(
+        "aux-free-95",
+        "Auxiliary-loss-free balancing led to a 95 per cent decrease in GPU usage",
+        "03_expert_routing.ipynb",
+        "Two runs: with and without loss-free balancing",
+        "MaxVio and FLOPs per token with and without the balancing bias",
+    ),
+    Claim(
+        "r1zero-autonomous",
+        "R1-Zero developed reasoning autonomously, with aha moments",
+        "07_r1_reward_curves.ipynb",
+        "A control: a base that never saw reasoning",
+        "GRPO from a base whose corpus never shows reasoning, and a search for aha moments",
+    ),
+    Claim(
+        "distill-teaching",
+        "Distillation: AI teaching AI",
+        "08_distillation.ipynb",
+        "Three students, one budget",
+        "a student trained on the teacher's traces against its own base and against RL of its own",
+    ),
+    Claim(
+        "caching",
+        "Caching makes a repeated prompt a tenth of the price",
+        "12_claims_ledger.ipynb",
+        "Rows measured elsewhere",
+        "DeepSeek's published prices for a cache hit and a miss",
+        also="10 (serving: prefix caching measured)",
+    ),
+    Claim(
+        "sms-20-132",
+        "20 of 132 SMs reserved for communication",
+        "12_claims_ledger.ipynb",
+        "Rows measured elsewhere",
+        "the share of an H800 the report gives to communication",
+        also="11 (communication measured)",
+    ),
+    Claim(
+        "mtp-two-words",
+        "It predicts two words at once",
+        "04_multi_token_prediction.ipynb",
+        "Speculative decoding with the MTP head",
+        "tokens per word, and tokens per main-model pass when MTP drafts",
+    ),
 ]
 CLAIM_IDS = {c.id: c for c in CLAIMS}
 
@@ -159,17 +227,26 @@ def link(claim_id: str, text: str | None = None) -> str:
 
 
 # Labels from rules ---------------------------------------------------------------------------------
-def judge(verdict: Verdict, *, holds: Iterable[str] = (), fails: Iterable[str] = ()) -> tuple[str, dict[str, Any]]:
-    """The label a verdict's outcome earns: in ``holds`` -> holds, in ``fails`` -> does not hold, else cannot tell."""
-    holds, fails = tuple(holds), tuple(fails)
-    if set(holds) & set(fails):
-        raise ValueError(f"an outcome cannot both hold and fail: {set(holds) & set(fails)}")
-    bad = [o for o in (*holds, *fails) if o not in ("a", "b", "same", "unclear")]
+def judge(
+    verdict: Verdict, *, holds: Iterable[str] = (), fails: Iterable[str] = (), misquoted: Iterable[str] = ()
+) -> tuple[str, dict[str, Any]]:
+    """The label a verdict's outcome earns: in ``holds`` -> holds, in ``fails`` -> does not hold, in
+    ``misquoted`` -> misquoted (the measurement contradicts the figure the sentence quotes), else cannot tell."""
+    holds, fails, misquoted = tuple(holds), tuple(fails), tuple(misquoted)
+    overlap = (set(holds) & set(fails)) | (set(holds) & set(misquoted)) | (set(fails) & set(misquoted))
+    if overlap:
+        raise ValueError(f"an outcome cannot earn two labels: {overlap}")
+    bad = [o for o in (*holds, *fails, *misquoted) if o not in ("a", "b", "same", "unclear")]
     if bad:
         raise ValueError(f"outcomes are 'a', 'b', 'same' or 'unclear', got {bad}")
-    o = verdict.outcome
-    label = "holds" if o in holds else "does not hold" if o in fails else "cannot tell at this scale"
-    return label, {"kind": "verdict", "holds": list(holds), "fails": list(fails), "outcome": o}
+    rule = {
+        "kind": "verdict",
+        "holds": list(holds),
+        "fails": list(fails),
+        "misquoted": list(misquoted),
+        "outcome": verdict.outcome,
+    }
+    return expected_label(rule), rule
 
 
 def compare_figure(claimed: float, actual: float, rel_tol: float = 0.02) -> tuple[str, dict[str, Any]]:
@@ -191,15 +268,23 @@ def threshold(value: float, limit: float, holds_if: str) -> tuple[str, dict[str,
     if not (math.isfinite(value) and math.isfinite(limit)):
         raise ValueError(f"need finite numbers, got {value} and {limit}")
     ok = value < limit if holds_if == "below" else value > limit
-    return ("holds" if ok else "does not hold"), {"kind": "threshold", "value": value, "limit": limit,
-                                                   "holds_if": holds_if}
+    return ("holds" if ok else "does not hold"), {
+        "kind": "threshold",
+        "value": value,
+        "limit": limit,
+        "holds_if": holds_if,
+    }
 
 
 def expected_label(rule: dict[str, Any]) -> str:
     """Re-derive a label from its rule (what the notebook test runs on every finding)."""
     if rule["kind"] == "verdict":
         o = rule["outcome"]
-        return "holds" if o in rule["holds"] else "does not hold" if o in rule["fails"] else "cannot tell at this scale"
+        if o in rule["holds"]:
+            return "holds"
+        if o in rule["fails"]:
+            return "does not hold"
+        return "misquoted" if o in rule.get("misquoted", ()) else "cannot tell at this scale"
     if rule["kind"] == "figure":
         off = abs(rule["claimed"] - rule["actual"]) / abs(rule["actual"])
         return "misquoted" if off > rule["rel_tol"] else "holds"
@@ -240,24 +325,29 @@ class Finding:
             raise ValueError(f"label {self.label!r} does not follow from its rule ({expected_label(self.rule)!r})")
 
     @classmethod
-    def of(cls, claim_id: str, labelled: tuple[str, dict[str, Any]], number: str, note: str = "",
-           verdicts: Iterable[Verdict] = ()) -> Finding:
+    def of(
+        cls,
+        claim_id: str,
+        labelled: tuple[str, dict[str, Any]],
+        number: str,
+        note: str = "",
+        verdicts: Iterable[Verdict] = (),
+    ) -> Finding:
         label, rule = labelled
         return cls(claim_id, label, number, rule, note, [v.record() for v in verdicts])
 
     def markdown(self) -> str:
         c = claim(self.claim)
-        return (f"**Ledger**, *“{c.text}”*: **{self.label}**. {self.number}" + (f" {self.note}" if self.note else ""))
+        return f"**Ledger**, *“{c.text}”*: **{self.label}**. {self.number}" + (f" {self.note}" if self.note else "")
 
     def record(self) -> dict[str, Any]:
         c = claim(self.claim)
         return {**asdict(self), "text": c.text, "lesson": c.lesson, "section": c.section}
 
-    def show(self) -> Finding:
+    def show(self) -> None:
         from IPython.display import Markdown, display
 
         display(Markdown(self.markdown()), metadata={CLAIM_KEY: self.record()})
-        return self
 
 
 # The ledger ----------------------------------------------------------------------------------------

@@ -254,9 +254,7 @@ def proportion(successes: int, trials: int, level: float = LEVEL, unit: str = "t
     return Estimate(p, math.sqrt(p * (1 - p) / n), lo, hi, n, level, f"Wilson, {k} of {n} {unit}", unit)
 
 
-def proportion_difference(
-    k1: int, n1: int, k2: int, n2: int, level: float = LEVEL, unit: str = "trials"
-) -> Estimate:
+def proportion_difference(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL, unit: str = "trials") -> Estimate:
     """p1 - p2 of two independent proportions: Newcombe's hybrid score interval (method 10)."""
     _check_level(level)
     (k1, n1), (k2, n2) = _counts(k1, n1), _counts(k2, n2)
@@ -300,7 +298,9 @@ class Verdict:
         if self.margin is not None and not (math.isfinite(self.margin) and self.margin > 0):
             raise ValueError(f"margin must be a positive number or None, got {self.margin!r}")
         if not self.knob:
-            raise ValueError("knob must name the parameter that would tell (e.g. 'seeds'); a verdict owes its reader that")
+            raise ValueError(
+                "knob must name the parameter that would tell (e.g. 'seeds'); a verdict owes its reader that"
+            )
 
     # construction ---------------------------------------------------------------------------------
     @classmethod
@@ -374,19 +374,18 @@ class Verdict:
     def text(self) -> str:
         """The sentence: who beats whom by how much, equality within the margin, or cannot tell and why."""
         d, o = self.diff, self.outcome
-        rel = f"{self.a} − {self.b} in {self.metric}: {self._interval()}"
+        how = d.describe()
         if o in ("a", "b"):
             larger, smaller = (self.a, self.b) if o == "a" else (self.b, self.a)
-            size = self._num(abs(d.value))
-            half = self._num(d.half_width)
+            by = f"**{self._num(abs(d.value))} ± {self._num(d.half_width)}** ({how})"
             if self.better is None:
-                return f"**{larger}** is higher than **{smaller}** in {self.metric} by **{size} ± {half}** ({rel})."
+                return f"**{larger}** is higher than **{smaller}** in {self.metric} by {by}."
             win, lose = (larger, smaller) if self.better == "higher" else (smaller, larger)
-            return f"**{win}** beats **{lose}** in {self.metric} by **{size} ± {half}** ({rel})."
+            return f"**{win}** beats **{lose}** in {self.metric} by {by}."
+        rel = f"{self.a} − {self.b} = {self._interval()}"
         if o == "same":
             return (
-                f"**{self.a}** and **{self.b}** are **equal within ±{self._num(self.margin)}** in {self.metric}: "
-                f"{rel}, inside the margin."
+                f"**{self.a}** and **{self.b}** are **equal within ±{self._num(self.margin)}** in {self.metric}: {rel}."
             )
         if self.underpowered:
             why = (
@@ -395,10 +394,13 @@ class Verdict:
                 else f"{d.n} {d.unit or 'repeat'} give no estimate of the noise"
             )
         else:
-            why = "the interval includes zero" + (
+            why = "an interval that includes zero" + (
                 f" and reaches beyond the ±{self._num(self.margin)} margin" if self.margin is not None else ""
             )
-        return f"**Cannot tell** at this budget: {rel}; {why}. Raise `{self.knob}` to tell."
+        return (
+            f"**Cannot tell** {self.a} from {self.b} in {self.metric} at this budget: {rel}; {why}. "
+            f"Raise `{self.knob}` to tell."
+        )
 
     def explain(self, a: str = "", b: str = "", same: str = "", unclear: str = "") -> str:
         """The explanation for the outcome this verdict got; an unclear one is offered as a hypothesis."""
@@ -437,13 +439,12 @@ class Verdict:
         why = self.explain(a=a, b=b, same=same, unclear=unclear)
         return self.text + (f" {why}" if why else "")
 
-    def show(self, a: str = "", b: str = "", same: str = "", unclear: str = "") -> Verdict:
-        """Display the verdict (and the explanation its outcome chose) in a notebook; returns self."""
+    def show(self, a: str = "", b: str = "", same: str = "", unclear: str = "") -> None:
+        """Display the verdict (and the explanation its outcome chose) in a notebook."""
         from IPython.display import Markdown, display
 
         explanations = {"a": a, "b": b, "same": same, "unclear": unclear}
         display(Markdown(self.markdown(**explanations)), metadata={VERDICT_KEY: self.record(**explanations)})
-        return self
 
 
 def describe(estimate: Estimate, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
