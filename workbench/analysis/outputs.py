@@ -141,11 +141,22 @@ def reasoning_split(samples: Sequence[tuple[str, str, float, float]]) -> dict[st
     return {"right": right, "total": total}
 
 
+def reasoning_rates(samples: Sequence[tuple[str, str, float, float]]) -> tuple[list[float], list[float]]:
+    """Per problem, the accuracy of its reasoned samples and of its direct ones, for the problems that have
+    both (paired by problem: samples of one problem are not independent of each other)."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"reasoned": [], "direct": []})
+    for q, completion, accuracy, _f in samples:
+        by[q]["reasoned" if THINK in completion else "direct"].append(float(accuracy > 0))
+    both = [v for v in by.values() if v["reasoned"] and v["direct"]]
+    return [sum(v["reasoned"]) / len(v["reasoned"]) for v in both], [sum(v["direct"]) / len(v["direct"]) for v in both]
+
+
 __all__ = [
     "greedy_continuations",
     "main_and_mtp_losses",
     "paired_rates",
     "per_problem_accuracy",
+    "reasoning_rates",
     "reasoning_split",
     "same_text",
     "sequence_agreement",

@@ -36,15 +36,18 @@ times). For accuracies over problems x samples, pass one rate per problem to ``m
   run with two seeds can never print a conclusion). The text then says which knob would tell.
 
 ``verdict.explain(a=..., b=..., same=..., unclear=...)`` returns the explanation for the outcome it
-got (an explanation for an unclear result is printed as a hypothesis to test), and ``verdict.show(...)``
-displays sentence and explanation in a notebook with the numbers in the output's metadata
+got. The keys name the outcome, not the winner: ``a`` is printed when A is *larger*, so with
+``better="lower"`` (losses, MaxVio) the ``a`` text must explain why A *lost*. (The explanation is
+chosen by the same condition as the sentence; the notebook test checks that, but it cannot read
+prose, so write each text for its outcome.) An unclear one is printed as a hypothesis to test.
+``verdict.show(...)`` displays sentence and explanation in a notebook with the numbers in the output's metadata
 (``workbench_verdict``), where ``tests/test_notebooks.py`` re-derives the outcome and checks the text.
 
 A lesson uses it like this (lesson 4, paired over seeds; lower loss is better)::
 
     v = Verdict.compare("with MTP", loss_mtp, "without MTP", loss_plain, metric="validation loss",
                         better="lower", paired=True, unit="seeds", knob="seeds")
-    v.show(a="MTP's extra target helped ...", b="MTP cost the main model ...", unclear="...")
+    v.show(a="MTP (larger loss) cost the main model ...", b="MTP's extra target helped ...", unclear="...")
 
 Where it simplifies: intervals are two-sided at one level; several comparisons in one lesson are not
 corrected for multiplicity (each verdict is its own test, at 95% about one in twenty unclear
@@ -429,6 +432,8 @@ class Verdict:
             "winner": self.winner,
             "text": self.text,
             "explained": self.outcome if explanations.get(self.outcome) else None,
+            "explanation": self.explain(**explanations),  # what was printed after the sentence
+            "explanations": {o: explanations.get(o, "") for o in OUTCOMES},  # all four, so a test can see the choice
             "claim": self.claim,
             "reference": self.reference,
             "estimate": {k: v for k, v in asdict(d).items() if k != "level"},
