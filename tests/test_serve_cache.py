@@ -108,8 +108,14 @@ def test_the_engine_equals_generate_with_and_without_a_prefix_hit(model):
 
 def test_the_chat_template_is_the_task_prompt_turn_by_turn():
     assert render_chat([{"role": "user", "content": "What is 2 + 2?"}]) == "User: What is 2 + 2?\nAssistant:"
-    text = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": [{"type": "text", "text": "Bye"}]}])  # fmt: skip
+    text = render_chat(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": [{"type": "text", "text": "Bye"}]},
+        ]
+    )
     assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
     with pytest.raises(ChatError, match="last message"):
         render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
