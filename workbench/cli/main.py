@@ -296,9 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from workbench.cli.analyze import add_subcommand as add_analyze
     from workbench.cli.rl import add_subcommands as add_rl  # grpo, sft, distill
+    from workbench.cli.serve import add_subcommand as add_serve
     from workbench.cli.vertical import add_subcommand as add_vertical
 
-    for add in (_add_train, _add_generate, _add_info, _add_demo, add_rl, add_vertical, _add_ask, add_analyze):
+    for add in (
+        _add_train,
+        _add_generate,
+        _add_info,
+        _add_demo,
+        add_rl,
+        add_vertical,
+        _add_ask,
+        add_serve,
+        add_analyze,
+    ):
         add(sub)
     return p
 

@@ -171,7 +171,7 @@ class PromptTemplate:
         if missing:
             raise PromptInputError(
                 f"prompt {self.name!r}: the template needs {missing} but the input gives "
-                f"{sorted(given)}; add them to the input (or --set NAME=VALUE)",
+                f"{sorted(given)}; add them to the inputs{'' if strict else ' (or --set NAME=VALUE)'}",
                 missing[0],
             )
         if strict:
