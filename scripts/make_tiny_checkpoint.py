@@ -30,8 +30,10 @@ def main() -> None:
         result = train(ModelConfig.from_preset("tiny"), tc, run)
     last = result.metrics[-1]
     save_hf(result.model, args.out, overwrite=True)  # data/tiny-model is ours to regenerate
-    print(f"wrote {args.out}: step {last['step']}, train loss {last['main_loss']:.3f}, "
-          f"validation loss {last['eval_loss']:.3f}")
+    print(
+        f"wrote {args.out}: step {last['step']}, train loss {last['main_loss']:.3f}, "
+        f"validation loss {last['eval_loss']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workbench.config import ConfigError
+from workbench.io.files import CheckpointError
 from workbench.io.hf import load_hf
 from workbench.io.tokenizer import load_tokenizer
 from workbench.tasks import get_task
@@ -21,6 +22,7 @@ from workbench.vertical import (
     fit_probe,
     load_vertical,
     moe_layers,
+    run_vertical,
     save_vertical,
     selection_rate,
     train_only_new_experts,
@@ -220,18 +222,15 @@ def test_fit_probe_separates_two_clouds():
     assert accuracy > 0.9 and torch.nn.functional.cosine_similarity(w, direction, dim=0) > 0.8
 
 
-def test_vertical_command_grows_trains_and_reports(tmp_path, capsys):
-    from workbench.cli import main
-
+def test_run_vertical_grows_trains_and_reports(tmp_path):
     out = tmp_path / "run"
-    args = ["vertical", "--base", str(TINY), "--task", "roman", "--replay-task", "corpus", "--out", str(out),
-            "--steps", "3", "--grpo-steps", "1", "--no-progress"]  # fmt: skip
-    assert main(args) == 0
-    summary = json.loads(capsys.readouterr().out)
+    kw = dict(replay_task=None, steps=3, grpo_steps=1, progress=False)
+    report = run_vertical(TINY, "roman", out, **kw)
+    summary = report["summary"]
     assert set(summary["accuracy"]) == {"base", "cold_start", "grpo"} and "trained" in summary
-    report = json.loads((out / "report.json").read_text())
-    assert report["added"]["n"] == 4 and report["stages"]["grpo"]["new_expert_share"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["added"]["n"] == 4 and saved["stages"]["grpo"]["new_expert_share"]
     grown, added = load_vertical(out / "model")
     assert grown.config.n_routed_experts == 12 and added.train_tokens
-    assert main(args) == 2  # the model folder exists: refused without --overwrite
-    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="overwrite"):  # the model folder exists: refused
+        run_vertical(TINY, "roman", out, **kw)

@@ -1,81 +1,67 @@
-"""The ``vertical`` command: grow a trained MoE by new experts and teach only them a new domain."""
+"""The ``vertical`` command: specialise a trained MoE for a new domain with one method of ``workbench.vertical``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from workbench.cli.args import finite_number, non_negative_int, positive_int
+from workbench.util import SHIPPED_DATA
 
 
 def cmd_vertical(args: argparse.Namespace) -> int:
-    from workbench.vertical import run_vertical
+    import torch
 
-    report = run_vertical(
-        args.base,
-        args.task,
-        args.out,
-        replay_task=None if args.replay_task == "corpus" else args.replay_task,
-        scale=args.scale,
-        n=args.n,
-        layers=args.layers,
-        init=args.init,
-        old_rate=args.old_rate,
-        steps=args.steps,
-        replay=args.replay,
-        lr=args.lr,
-        grpo_steps=args.grpo_steps,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    print(json.dumps(report["summary"], indent=2))
+    from workbench.cli.args import config_from_args
+    from workbench.io.hf import load_hf
+    from workbench.util import resolve_device
+    from workbench.vertical import Recipe, describe_row, specialise
+
+    recipe = config_from_args(Recipe, args)  # bad recipes are refused here, before anything is loaded or written
+    rows = Path(args.rows) if args.rows else None
+    if rows is not None and rows.exists() and not rows.is_file():
+        raise FileExistsError(f"--rows {rows} exists and is not a file; give a JSONL file to append to")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    base = load_hf(args.base, device=resolve_device(recipe.device))
+    row, _ = specialise(base, recipe, out=args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    row["base"] = str(args.base)
+    if rows is not None:
+        rows.parent.mkdir(parents=True, exist_ok=True)
+        with open(rows, "a", encoding="utf-8") as f:  # one line per run: appending keeps earlier rows whole
+            f.write(json.dumps(row, default=str) + "\n")
+    print(describe_row(row))
+    summary = {k: row[k] for k in ("method", "task", "trained_params", "optimizer_MB", "step_s", "delta_bytes")}
+    summary["cold"] = {k: v for k, v in row["cold"].items() if k != "domain_loss"}
+    if "grpo" in row:
+        summary["grpo"] = {k: v for k, v in row["grpo"].items() if k not in ("domain_loss", "train_acc")}
+    print(json.dumps(summary, indent=2))
     return 0
 
 
 def add_subcommand(sub) -> None:
+    from workbench.cli.args import add_config_flags
+    from workbench.vertical import Recipe
+
     v = sub.add_parser(
         "vertical",
-        help="grow a trained MoE by new experts and train only them on a new domain",
+        help="specialise a trained MoE for a new domain: full FT, ESFT, new experts, LoRA, or combinations",
         description=(
-            "Add experts to every MoE layer of a trained model (workbench.vertical), wake them for the new domain, "
-            "train only them (and their router rows, and the rows of tokens the base never saw) on the task's worked "
-            "problems mixed with replay of the base corpus, then optionally GRPO restricted to the same parameters. "
-            "Writes OUT/model (a Hugging Face folder with vertical.json) and OUT/report.json."
+            "Train one method of workbench.vertical (--method: full, esft_gate, esft_token, newexp, lora, lora_mlp, "
+            "lora_exp, or parts joined by '+', e.g. lora+lora_mlp+newexp) on the task's worked problems mixed with "
+            "replay of the old task, on the same budget for every method; measure new- and old-task accuracy "
+            "(greedy, held out), behind the per-request gate too, and the costs. Writes OUT: a delta folder "
+            "(delta.safetensors + delta.json) for every method but full, a model folder for full."
         ),
     )
-    v.add_argument("--base", help="the trained model to grow (default: pre-train the R1 base of --replay-task)")
-    v.add_argument("--task", default="sub", help="the new domain, a task of workbench.tasks (default: sub)")
-    v.add_argument(
-        "--replay-task",
-        default="add",
-        help="the task the base knows (its documents are replayed and its accuracy watched); 'corpus' for a "
-        "five-domain model such as data/tiny-model (default: add)",
-    )
-    v.add_argument("--scale", default="laptop", help="scale of the base pre-training when --base is not given")
-    v.add_argument("--out", default="runs/vertical", help="output folder (default: runs/vertical)")
-    v.add_argument(
-        "--n", type=positive_int, default=None, help="new experts per layer (default: 2 x n_group, two per group)"
-    )
-    v.add_argument(
-        "--layers", type=non_negative_int, nargs="+", help="MoE layers to grow (default: all of the main model)"
-    )
-    v.add_argument("--init", default="copy", choices=["copy", "average", "random"], help="initialisation")
-    v.add_argument("--old-rate", type=finite_number, default=0.05, help="forgetting budget at wake-up: the share of "
-                   "old-domain tokens allowed onto the new experts (default: 0.05)")  # fmt: skip
-    v.add_argument(
-        "--steps", type=positive_int, default=3000, help="cold-start steps on the new domain (default: 3000)"
-    )
-    v.add_argument(
-        "--replay", type=finite_number, default=0.75, help="share of replayed old-domain tokens (default: 0.75)"
-    )
-    v.add_argument("--lr", type=finite_number, default=3e-3, help="learning rate of the LM stage (default: 3e-3)")
-    v.add_argument(
-        "--grpo-steps", type=non_negative_int, default=20, help="GRPO steps after the cold start (default: 20)"
-    )
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    v.add_argument("--overwrite", action="store_true", help="replace OUT/model if it exists")
+    default_base = SHIPPED_DATA / "add-base"
+    v.add_argument("--base", default=str(default_base), help="the trained model (default: data/add-base)")
+    v.add_argument("--out", help="write the delta (or, for full, the model) to this folder (default: nothing)")
+    v.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a model or a delta")
+    v.add_argument("--rows", help="append the result row (JSON) to this JSONL file (scripts/vertical_compare.py)")
+    v.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(v, Recipe, title="recipe (workbench.vertical.Recipe)")
     v.set_defaults(func=cmd_vertical)

@@ -1,5 +1,15 @@
-"""Add a vertical: grow a trained MoE by new experts, and train only them on a new domain.
+"""Add a vertical: specialise a trained MoE for a new domain, and ship the change as a delta.
 
+Which method buys what (``methods.py``, one ``Recipe``, ``python -m workbench vertical --method ...``):
+full fine-tuning (the ceiling), ESFT (``esft.py``: train only the experts the domain already uses), new
+experts (below), peft LoRA adapters on attention and the dense/shared MLP, and combinations. Every method
+but full fine-tuning leaves the base untouched and ships as a delta (``delta.py``: a safetensors file of
+only the trained tensors, applied onto the base at load time), served behind a per-request gate
+(``gate.py``: a probe on the base's prompt features switches the delta on for its own requests; several
+verticals on one base, each request to its own). ``specialise.py`` runs and measures one recipe.
+
+Growing new experts
+-------------------
 The idea
 --------
 A Mixture-of-Experts model already divides its feed-forward knowledge among many small experts, and a
@@ -65,9 +75,13 @@ so ``n`` must be a multiple of ``n_group``. The new tokens' rows (``<think>`` an
 place the vertical touches shared weights, and only when ``train_tokens`` names them.
 """
 
+from workbench.vertical.delta import apply_delta, fingerprint, read_delta, save_delta
+from workbench.vertical.esft import esft_select, expert_scores, select_experts
 from workbench.vertical.freeze import Trainable, flops_saved_estimate, new_token_ids, train_only_new_experts
+from workbench.vertical.gate import DomainGate, Verticals, gated_choice, prompt_features
 from workbench.vertical.grow import DORMANT_MARGIN, INITS, AddedExperts, add_expert, moe_layers
 from workbench.vertical.measure import completion_loss, domain_windows, old_windows, vertical_metrics
+from workbench.vertical.methods import PARTS, Prepared, Recipe, RowMasks, prepare
 from workbench.vertical.recipe import (
     VerticalConfig,
     VerticalReport,
@@ -78,10 +92,31 @@ from workbench.vertical.recipe import (
     train_vertical,
     vertical_dataset,
 )
+from workbench.vertical.specialise import describe_row, fit_gate, recipe_dataset, specialise
 from workbench.vertical.wake import PROBES, fit_probe, selection_rate, wake_experts
 
 __all__ = [
     "DORMANT_MARGIN",
+    "PARTS",
+    "DomainGate",
+    "Prepared",
+    "Recipe",
+    "RowMasks",
+    "Verticals",
+    "apply_delta",
+    "describe_row",
+    "esft_select",
+    "expert_scores",
+    "fingerprint",
+    "fit_gate",
+    "gated_choice",
+    "prepare",
+    "prompt_features",
+    "read_delta",
+    "recipe_dataset",
+    "save_delta",
+    "select_experts",
+    "specialise",
     "INITS",
     "PROBES",
     "AddedExperts",
