@@ -33,8 +33,8 @@ RL = ("--checkpoint", "{model}", "--steps", "1", "--eval-problems", "2", "--eval
       "--max-new-tokens", "4", "--no-progress", "--device", "cpu", "--out", "{tmp}/rl")  # fmt: skip
 GRPO = ("grpo", *RL, "--prompts-per-step", "2", "--group-size", "2")
 SFT = ("sft", *RL, "--n-examples", "4", "--batch-size", "2")
-VERTICAL = ("vertical", "--base", "{model}", "--replay-task", "corpus", "--steps", "2", "--grpo-steps", "0",
-            "--no-progress", "--device", "cpu", "--out", "{tmp}/v")  # fmt: skip
+VERTICAL = ("vertical", "--base", "{model}", "--steps", "2", "--grpo-steps", "0", "--eval-problems", "2",
+            "--old-eval-problems", "2", "--no-progress", "--device", "cpu", "--out", "{tmp}/v")  # fmt: skip
 
 
 def config(**overrides):
@@ -392,10 +392,11 @@ def _command_argument_cases() -> list[Case]:
         Case(k, "distill --student missing",
              cli("distill", "--teacher", "{model}", "--student", "{tmp}/nope", "--mode", "sequence", "--out",
                  "{tmp}/rl", "--device", "cpu"), "no model"),
-        Case(k, "vertical --n 0", cli(*VERTICAL, "--n", "0"), r"--n\b.*>= 1|n .*positive"),
-        Case(k, "vertical --n -2", cli(*VERTICAL, "--n", "-2"), r"--n\b.*>= 1|n .*positive"),
-        Case(k, "vertical --n 3 (not a multiple of n_group)", cli(*VERTICAL, "--n", "3"), "n_group"),
-        Case(k, "vertical --layers 99", cli(*VERTICAL, "--layers", "99"), "MoE layers"),
+        Case(k, "vertical --new-experts -2", cli(*VERTICAL, "--method", "newexp", "--new-experts", "-2"),
+             r"new.experts"),
+        Case(k, "vertical --method nope", cli(*VERTICAL, "--method", "nope"), "method"),
+        Case(k, "vertical --esft-p 0", cli(*VERTICAL, "--method", "esft_gate", "--esft-p", "0"), "esft_p|p "),
+        Case(k, "vertical --esft-p 1.5", cli(*VERTICAL, "--method", "esft_gate", "--esft-p", "1.5"), "esft_p|p "),
         Case(k, "vertical --old-rate 2", cli(*VERTICAL, "--old-rate", "2"), "old_rate"),
         Case(k, "vertical --old-rate nan", cli(*VERTICAL, "--old-rate", "nan"), "finite"),
         Case(k, "vertical --replay 1.5", cli(*VERTICAL, "--replay", "1.5"), "replay"),
@@ -404,10 +405,8 @@ def _command_argument_cases() -> list[Case]:
         Case(k, "vertical --lr -1", cli(*VERTICAL, "--lr", "-1"), "lr"),
         Case(k, "vertical --steps 0", cli(*VERTICAL, "--steps", "0"), "steps"),
         Case(k, "vertical --grpo-steps -1", cli(*VERTICAL, "--grpo-steps", "-1"), "grpo.steps"),
-        Case(k, "vertical --task nope", cli(*VERTICAL, "--task", "nope"), "unknown task"),
-        Case(k, "vertical --replay-task nope", cli(*VERTICAL, "--replay-task", "nope"), "unknown task"),
-        Case(k, "vertical --scale nope", cli("vertical", "--scale", "nope", "--out", "{tmp}/v", "--device", "cpu"),
-             "unknown scale"),
+        Case(k, "vertical --task nope", cli(*VERTICAL, "--task", "nope"), "unknown task|task"),
+        Case(k, "vertical --old-task nope", cli(*VERTICAL, "--old-task", "nope"), "unknown task|task"),
         Case(k, "vertical --base missing", cli(*VERTICAL, "--base", "{tmp}/nope"), "no checkpoint|no model"),
         Case(k, "generate --max-new-tokens -1", cli("generate", "--prompt", "x", "--max-new-tokens", "-1"),
              "max.new.tokens"),
@@ -436,13 +435,13 @@ def _command_argument_cases() -> list[Case]:
         Case(k, "ask --max-new-tokens 0", cli("ask", "--prompts", "{tmp}/set.yaml", "--model", "{model}",
                                               "--max-new-tokens", "0"), "max.new.tokens",
              prepare=lambda tmp: prompt_set(tmp, "What is {a}?")),
-        Case(k, "vertical --out holds someone's files", cli(*VERTICAL), "nothing there will be touched",
+        Case(k, "vertical --out holds someone's files", cli(*VERTICAL), "not empty.*nothing was written",
              prepare=lambda tmp: user_files(tmp / "v")),
         Case(k, "vertical --out is a file", cli(*VERTICAL), "not a folder", prepare=lambda tmp: write(tmp / "v", "x")),
-        Case(k, "vertical --out holds an earlier vertical (no --overwrite)", cli(*VERTICAL), "overwrite",
+        Case(k, "vertical --out holds an earlier vertical (no --overwrite)", cli(*VERTICAL), "overwrite|not empty",
              prepare=earlier_vertical),
         Case(k, "vertical --overwrite onto someone's files", cli(*VERTICAL, "--overwrite"),
-             "nothing there will be touched", prepare=lambda tmp: user_files(tmp / "v")),
+             "not empty.*nothing was written", prepare=lambda tmp: user_files(tmp / "v")),
         Case(k, "demo --out holds someone's files", cli("demo", "--steps", "2", "--out", "{tmp}/d", "--device", "cpu",
                                                          "--no-progress"), "not empty|nothing there",
              prepare=lambda tmp: user_files(tmp / "d")),
@@ -749,17 +748,17 @@ def test_the_cases_have_distinct_names():
 @pytest.mark.slow
 def test_vertical_overwrite_replaces_its_own_earlier_run_and_nothing_else(tmp_path):
     """``vertical --overwrite`` used to train for minutes and then fail: it never passed the overwrite on to
-    the model folder. Now a second run replaces the first one's model and report; without --overwrite it is
-    refused before any work, changing nothing."""
+    the model folder. Now a second run replaces the first one's delta; without --overwrite it is refused
+    before any work, changing nothing."""
     from bad_input_sweep import Command, _run_command, tree
 
     argv = Command(VERTICAL).resolved(tmp_path)
     assert _run_command(argv)[0] == 0
     first = tree(tmp_path / "v")
-    assert "model/config.json" in first and "report.json" in first
+    assert "delta.safetensors" in first and "delta.json" in first
     code, err = _run_command(argv)
     assert code == 2 and "overwrite" in err and tree(tmp_path / "v") == first
     code, err = _run_command([*argv, "--overwrite", "--seed", "1"])
     assert code == 0, err
     second = tree(tmp_path / "v")
-    assert set(second) == set(first) and second["report.json"] != first["report.json"]
+    assert set(second) == set(first) and second["delta.safetensors"] != first["delta.safetensors"]
