@@ -161,6 +161,15 @@ def rough_parameters(c: Any) -> int:
     return int(body + 2 * c.vocab_size * D + c.max_position_embeddings * c.qk_rope_head_dim)
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @contextlib.contextmanager
 def allocation_guard() -> Iterator[None]:
     """``Model(config)`` off the meta device raises ``WouldAllocate`` for a model above the guard: a case
@@ -176,6 +185,12 @@ def allocation_guard() -> Iterator[None]:
         except Exception:  # a config too broken to estimate: the constructor will say so
             n = 0
         if n > GUARD_PARAMETERS and torch.empty(0).device.type != "meta":
+            # the library's own refusal comes first where the version has one (Model.__init__ checks the
+            # memory before allocating): only a model it would really allocate is stopped here
+            accounting = wb("workbench.model.accounting") if _has_module("workbench.model.accounting") else None
+            if accounting is not None and hasattr(accounting, "check_fits"):
+                accounting.check_fits(config, torch.get_default_device(), torch.get_default_dtype(),
+                                      what="Model(config)")  # fmt: skip
             raise WouldAllocate(f"Model() would allocate about {n:.3g} parameters")
         real(self, config, *args, **kwargs)
 

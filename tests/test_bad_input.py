@@ -660,18 +660,15 @@ def _model_size_cases() -> list[Case]:
 
 def _sampling_cases() -> list[Case]:
     k = "sampling values"
+    # a tiny temperature (1e-30) is not refused: it has a defined meaning, the greedy limit, tested in
+    # tests/test_generate.py (sample_next subtracts the row's maximum before dividing, so nothing overflows)
     gen = lambda **kw: wb("workbench.model.generate", "workbench.generate").generate(tiny_model(), [1, 2], 4, **kw)  # noqa: E731
     return [
         Case(k, "generate(temperature=nan)", api(lambda: gen(temperature=float("nan"))), "temperature", owner=GENERATE),
-        Case(k, "generate(temperature=1e-30)", api(lambda: gen(temperature=1e-30)), "temperature", warn=True,
-             owner=GENERATE),
         Case(k, "generate(top_p=nan)", api(lambda: gen(temperature=1.0, top_p=float("nan"))), "top_p"),
         Case(k, "generate(max_new_tokens=-1)",
              api(lambda: wb("workbench.model.generate", "workbench.generate").generate(tiny_model(), [1, 2], -1)),
              "max_new_tokens", owner=GENERATE),
-        Case(k, "generate --temperature 1e-30", cli("generate", "--prompt", "x", "--temperature", "1e-30",
-                                                    "--device", "cpu", "--max-new-tokens", "2"), "temperature",
-             warn=True, owner=GENERATE),
     ]  # fmt: skip
 
 
@@ -729,9 +726,15 @@ CASES: list[Case] = [
 ]
 
 
+# Cases whose fix belonged to other work; every one of them has landed, so none is excused any more. A case
+# whose owner's fix is still pending goes here by id, with the reason, until it passes.
+PENDING: dict[str, str] = {}
+
+
 def _param(case: Case):
-    marks = [pytest.mark.xfail(strict=False, reason=f"owned by {case.owner}; expected to pass once that lands")]
-    return pytest.param(case, id=case.id, marks=marks if case.owner else ())
+    reason = PENDING.get(case.id)
+    marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+    return pytest.param(case, id=case.id, marks=marks)
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
