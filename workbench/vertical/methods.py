@@ -203,7 +203,13 @@ def lora_targets(model: Model, parts: list[str]) -> tuple[list[str], list[str]]:
 
 def inject_lora(model: Model, structure: dict[str, Any]) -> Model:
     """Inject the adapters ``structure["lora"]`` describes (in place; peft's init drawn from its own seed)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError(
+            "the lora methods of workbench.vertical use the peft library, which is not installed; "
+            'install it with: pip install -e ".[vertical]"'
+        ) from None
 
     spec = structure["lora"]
     cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=spec["modules"] or [],
