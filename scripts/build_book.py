@@ -134,8 +134,11 @@ def main() -> None:
         total, keys = 0.0, {}
         # the ledger last: it reads the lessons executed before it
         for nb in sorted(lesson_notebooks(), key=lambda n: n.name == LEDGER):
+            parameters = params.get(nb.name, {})
+            if nb.name == LEDGER:  # its links must point at the book's pages, not at the notebooks
+                parameters = {**parameters, "link_ext": ".html"}
             keys[nb.name], seconds = execute_cached(
-                nb, lessons, params.get(nb.name, {}), args.scale, library, dict(keys), args.force
+                nb, lessons, parameters, args.scale, library, dict(keys), args.force
             )
             if seconds is None:
                 print(f"cached   {nb.name} (notebook, parameters and library unchanged)", flush=True)
