@@ -111,3 +111,5 @@ def test_chunk_times_of_our_blocks_are_measured():
     t = measure_chunk_times(ModelConfig.from_preset("tiny"), batch=2, seq_len=16, repeats=2)
     assert t["F"] > 0 and t["B"] > 0 and 0 <= t["W"] <= t["B"] and t["B_input"] <= t["B"]
     ChunkTimes(F=t["F"], B=t["B"], W=t["W"])  # usable by the simulator as they are
+    assert {k: len(v) for k, v in t["repeats"].items()} == {"F": 2, "B": 2, "B_input": 2}  # the warm-up is dropped
+    assert sorted(t["repeats"]["F"])[0] <= t["F"] <= sorted(t["repeats"]["F"])[-1]

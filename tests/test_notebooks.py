@@ -23,14 +23,12 @@ TYPED_NUMBERS_PENDING = {
     "07_r1_reward_curves.ipynb": "run sizes and earlier results still typed in the markdown (not yet rewritten)",
     "08_distillation.ipynb": "model sizes and earlier results still typed in the markdown (not yet rewritten)",
     "09_add_a_vertical.ipynb": "owned by the vertical lesson (issue 14 did not edit it)",
-    "11_parallelism.ipynb": "owned by the parallelism lesson (issue 14 did not edit it)",
 }
 VERDICTS_PENDING = {
     "06_fp8.ipynb": "does not yet use analysis.stats: the INT8 explanation does not follow the result",
     "07_r1_reward_curves.ipynb": "does not yet use analysis.stats: accuracies without binomial intervals",
     "08_distillation.ipynb": "does not yet use analysis.stats: teacher and student compared without noise",
     "09_add_a_vertical.ipynb": "owned by the vertical lesson (issue 14 did not edit it)",
-    "11_parallelism.ipynb": "owned by the parallelism lesson (issue 14 did not edit it)",
 }
 
 

@@ -162,6 +162,8 @@ def v3_cluster_figures(
     ib_us, nvlink_us = 2 * ib_bytes / (IB_GBPS * 1e9) * 1e6, 2 * nvlink_bytes / (NVLINK_GBPS * 1e9) * 1e6
     return {
         "ranks": ranks,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
         "experts_per_gpu": config.n_routed_experts // ranks,
         "max_nodes": max_nodes,
         "nodes_per_token": t["nodes_per_token"],

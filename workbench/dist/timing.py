@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,9 @@ def measure_chunk_times(
     layers: int = 1,
     repeats: int = 7,
     device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Median seconds of F, B, B_input and W = B - B_input for ``layers`` decoder blocks on (batch, seq_len)."""
+) -> dict[str, Any]:
+    """Median seconds of F, B, B_input and W = B - B_input for ``layers`` decoder blocks on (batch, seq_len),
+    and under ``"repeats"`` the seconds of every timed repeat of F, B and B_input (for their noise)."""
     for name, value in (("batch", batch), ("seq_len", seq_len), ("layers", layers), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -89,7 +91,8 @@ def measure_chunk_times(
             runs["B_input"].append(bi)
     F, B, Bi = (statistics.median(runs[k]) for k in ("F", "B", "B_input"))
     W = min(max(B - Bi, 0.0), B)
-    return {"F": F, "B": B, "B_input": min(Bi, B), "W": W, "tokens": batch * seq_len, "layers": layers}
+    return {"F": F, "B": B, "B_input": min(Bi, B), "W": W, "tokens": batch * seq_len, "layers": layers,
+            "repeats": runs}  # fmt: skip
 
 
 __all__ = ["measure_chunk_times"]
