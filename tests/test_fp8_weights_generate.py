@@ -8,10 +8,12 @@ quantised model must produce the same greedy tokens (and nearly the same logits)
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from workbench import Model, ModelConfig
+from workbench import Model, ModelConfig, fp8
 from workbench.fp8 import QuantizedLinear, quantize_weights_
 from workbench.model.generate import generate
 
@@ -43,3 +45,22 @@ def test_quantised_model_logits_agree_across_attention_modes():
         naive = model(ids, attn_mode="naive").logits
     assert absorbed.dtype == naive.dtype == torch.float32
     assert torch.allclose(absorbed, naive, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_bytes_in_a_bf16_deployment():
+    torch.manual_seed(0)
+    model = Model(ModelConfig.from_preset("tiny"))
+    full = fp8.weight_bytes(model)
+    bf16 = fp8.weight_bytes(model, torch.bfloat16)
+    assert bf16 == fp8.weight_bytes(copy.deepcopy(model).to(torch.bfloat16)) and 2 * bf16 == full
+    quantised = quantize_weights_(copy.deepcopy(model), "e4m3")
+    scales = sum(b.nbytes for n, b in quantised.named_buffers() if n.endswith("scale_inv"))
+    eight_bit = sum(b.nbytes for n, b in quantised.named_buffers() if n.endswith(".weight") and b.element_size() == 1)
+    rest = sum(
+        t.numel() * 2 for n, t in quantised.state_dict().items() if t.element_size() > 1 and "scale_inv" not in n
+    )
+    assert fp8.weight_bytes(quantised, torch.bfloat16) == eight_bit + scales + rest < bf16
+    state = quantised.state_dict()
+    assert fp8.weight_bytes(state, torch.bfloat16) == fp8.weight_bytes(quantised, torch.bfloat16)
+    with pytest.raises(ValueError, match="other_dtype"):
+        fp8.weight_bytes(model, torch.int8)
