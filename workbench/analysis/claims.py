@@ -123,7 +123,7 @@ CLAIMS: list[Claim] = [
         "int8-outputs",
         "Eight-bit weights reduce memory without affecting the outputs",
         "06_fp8.ipynb",
-        "6. Serving with 8-bit weights",
+        "6. Serving with eight-bit weights",
         "memory against BF16, greedy text, arithmetic accuracy and next-token agreement of 8-bit weights",
     ),
     Claim(
