@@ -70,6 +70,7 @@ REPORTED: dict[str, Reported] = {
     "fp8_loss_gap": Reported(0.0025, "relative loss error of FP8 against BF16", "DeepSeek-V3 report, §3.3"),
     "acc_bits": Reported(14, "mantissa bits kept by the H800 FP8 accumulator", "DeepSeek-V3 report, §3.3.2"),
     "acc_error_k4096": Reported(0.02, "max relative error, K = 4096, no promotion", "DeepSeek-V3 report, §3.3.2"),
+    "acc_k": Reported(4096, "inner dimension K of that accumulation test", "DeepSeek-V3 report, §3.3.2"),
     "promote_every": Reported(128, "products per promotion (N_C)", "DeepSeek-V3 report, §3.3.2"),
     "bias_update_speed": Reported(0.001, "gamma for the first 14.3T tokens", "DeepSeek-V3 report, §4.2"),
     "seq_balance_alpha": Reported(1e-4, "weight of the sequence-wise balance loss", "DeepSeek-V3 report, §4.2"),
@@ -132,7 +133,7 @@ CLAIMS: list[Claim] = [
         "int8-outputs",
         "Eight-bit weights reduce memory without affecting the outputs",
         "06_fp8.ipynb",
-        "6. Serving with 8-bit weights",
+        "6. Serving with eight-bit weights",
         "memory against BF16, greedy text, arithmetic accuracy and next-token agreement of 8-bit weights",
     ),
     Claim(

@@ -15,7 +15,7 @@ Where it simplifies
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +79,36 @@ def quantize_weights_(model: nn.Module, fmt: str = "e4m3", skip: Iterable[str] =
     return model
 
 
-def weight_bytes(module: nn.Module) -> int:
+def weight_bytes(module: nn.Module | Mapping[str, torch.Tensor], other_dtype: torch.dtype | None = None) -> int:
     """Bytes of every tensor in ``module.state_dict()`` (what a checkpoint holds), shared storage
-    (tied weights) counted once."""
+    (tied weights) counted once. ``module`` may also be a state dict itself (an FP8 checkpoint's tensors).
+
+    other_dtype: count every floating-point tensor wider than eight bits as if stored in this dtype, except
+        the 8-bit formats' scales (names ending in ``scale_inv``, float32 as DeepSeek keeps them).
+        ``torch.bfloat16`` gives what a BF16 deployment holds: the BF16 baseline for an unquantised model, and
+        for a quantised one its 8-bit weights plus the layers left in BF16 (embedding, head, norms, router).
+    """
+    if other_dtype is not None and not (isinstance(other_dtype, torch.dtype) and other_dtype.is_floating_point):
+        raise ValueError(
+            f"other_dtype must be a floating-point torch dtype such as torch.bfloat16, got {other_dtype!r}"
+        )
+    state = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else module
     seen: set[tuple[int, int]] = set()
     total = 0
-    for tensor in module.state_dict(keep_vars=True).values():
+    for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.nbytes)
         if key in seen:
             continue
         seen.add(key)
-        total += tensor.nbytes
+        recast = (
+            other_dtype is not None
+            and tensor.is_floating_point()
+            and tensor.element_size() > 1
+            and not name.endswith("scale_inv")
+        )
+        total += tensor.numel() * other_dtype.itemsize if recast else tensor.nbytes
     return total
 
 

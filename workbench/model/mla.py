@@ -328,7 +328,7 @@ class MLA(nn.Module):
             out = out.transpose(1, 2)  # (B, T, H, d_v)
         elif mode == "absorb":
             # Absorb W_UK into the query and W_UV into the output: attention runs on the latent
-            w = _effective_weight(self.kv_b_proj).view(H, d_nope + d_v, r)
+            w = _effective_weight(self.kv_b_proj, q_nope.dtype).view(H, d_nope + d_v, r)
             w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]  # (H, d_nope, r), (H, d_v, r)
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
             if cache is not None:
@@ -345,19 +345,29 @@ class MLA(nn.Module):
         return self.o_proj(out.reshape(B, T, H * d_v))
 
 
-def _effective_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight a linear layer applies: its ``weight``, plus the active adapters' deltas when a peft LoRA
-    layer wraps it (peft's ``.weight`` is the frozen base layer's: absorb mode would silently drop the adapter)."""
+def _effective_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a linear layer applies, as a ``dtype`` matrix absorbed attention can multiply by.
+
+    Its ``weight``, plus the active adapters' deltas when a peft LoRA layer wraps it (peft's ``.weight`` is the
+    frozen base layer's: absorb mode would silently drop the adapter). A layer that stores its weight in 8 bits
+    (``workbench.fp8.QuantizedLinear``) is multiplied by its dequantised weight, as its own ``forward`` is."""
     base = getattr(linear, "base_layer", None)
     if base is None or not hasattr(linear, "get_delta_weight"):
-        return linear.weight
-    w = base.weight
+        return _stored_weight(linear, dtype)
+    w = _stored_weight(base, dtype)
     if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
         return w
     for name in linear.active_adapters:
         if name in linear.lora_A:
             w = w + linear.get_delta_weight(name)
     return w
+
+
+def _stored_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``linear.weight`` itself (untouched: the plain path stays bit-identical), or, for a layer that keeps an
+    8-bit weight with scales and says how to expand it (``dequantized_weight``), that expansion in ``dtype``."""
+    dequantize = getattr(linear, "dequantized_weight", None)
+    return dequantize(dtype) if callable(dequantize) else linear.weight
 
 
 def _attention(
