@@ -2,7 +2,8 @@
 
 ``routing``: how specialised the experts are, and knock-outs; ``outputs``: what a model writes, per
 sequence, prompt or problem; ``kv``: post-hoc compression of a trained cache; ``cost``: the FLOPs a
-training run spent; ``stats``: intervals and verdicts that only conclude beyond the noise; ``claims``:
+training run spent; ``serving``: how many contexts fit in a GPU or on a disk, and what a request costs at
+per-token prices; ``stats``: intervals and verdicts that only conclude beyond the noise; ``claims``:
 the claims ledger. The measurements themselves (expert usage and loss per domain) are
 ``workbench.train.measure``.
 """

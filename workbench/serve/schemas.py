@@ -135,12 +135,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaCard(BaseModel):
+    name: str  # the delta folder's name
+    method: str | None = None  # what its recipe trained (lora, newexp, esft_token, ...)
+    task: str | None = None  # the vertical's task
+    base_fingerprint: str  # the base it applies onto
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "workbench"
     context_length: int
+    base: str | None = None  # the model folder served (None: not told)
+    deltas: list[DeltaCard] = []  # the verticals applied onto it at load
+    routing: str | None = None  # "none", "always" (one delta) or "gate" (each request to its vertical)
 
 
 class ModelList(BaseModel):

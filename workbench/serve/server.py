@@ -2,7 +2,8 @@
 
 Endpoints (every one behind the API key when one is set, sent as ``Authorization: Bearer KEY``):
 
-* ``GET /v1/models``: the one served model, with its context length.
+* ``GET /v1/models``: the one served model, with its context length, its base and the deltas applied onto it
+  (``workbench.serve.deltas``: with several, a domain gate sends each request to its vertical or the base).
 * ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` for server-sent events):
   temperature, top_p, max_tokens, stop, seed, n; ``usage`` with cached prompt tokens.
 * ``GET /v1/prompts``: every prompt set read at start, its prompts and their inputs;
@@ -24,6 +25,7 @@ import asyncio
 import hmac
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -158,10 +160,29 @@ class _Choice:
 class Server:
     """The state behind the app: model, tokenizer, engine, prompt sets, settings."""
 
-    def __init__(self, engine: Engine, tokenizer, prompt_sets: list[PromptSet], config: ServeConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        prompt_sets: list[PromptSet],
+        config: ServeConfig,
+        *,
+        routes: dict[str, Engine] | None = None,
+        gate=None,
+        served: dict[str, Any] | None = None,
+    ) -> None:
+        """engine: answers every request the gate does not route; routes: a vertical's name -> its engine,
+        chosen per request by ``gate`` (a ``vertical.gate.DomainGate``); served: what /v1/models says is
+        served (``deltas.Served.describe()``)."""
         from workbench.rl.rollout import stop_ids
 
         self.engine, self.tok, self.config = engine, tokenizer, config
+        self.routes, self.gate, self.served = dict(routes or {}), gate, served or {}
+        if self.gate is not None and set(self.gate.probes) - set(self.routes):
+            raise ValueError(
+                f"the gate routes to {sorted(set(self.gate.probes) - set(self.routes))}, which have no engine"
+            )
+        self._gate_lock = threading.Lock()
         self.sets = {s.name: s for s in prompt_sets}
         if len(self.sets) != len(prompt_sets):
             raise ValueError("two prompt sets share a name; give each set a distinct 'name'")
@@ -183,11 +204,20 @@ class Server:
             raise APIError(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})", "prompt")
         return list(prompt)
 
+    def route(self, ids: list[int]) -> str | None:
+        """The vertical that answers a prompt (None: ``engine``, the base or the one delta)."""
+        if self.gate is None:
+            return None
+        with self._gate_lock:  # one base forward per prompt; the engines' threads keep decoding meanwhile
+            return self.gate.route_ids([ids])[0]
+
     async def run(self, http: Request, ids: list[int], body, n: int, max_tokens: int | None) -> AsyncIterator:
         """Submit ``n`` choices and yield (index, choice, kind) as tokens arrive; cancels them on exit."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        context = self.engine.context
+        route = await asyncio.to_thread(self.route, ids) if self.gate is not None else None
+        engine = self.engine if route is None else self.routes[route]
+        context = engine.context
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, max(1, context - len(ids)))
         deadline = time.monotonic() + self.config.request_timeout
@@ -198,7 +228,7 @@ class Server:
                                  None if body.seed is None else body.seed + i, deadline)  # fmt: skip
                 req.on_event = lambda kind, value, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
                 choices.append(_Choice(req, list(body.stop or []), self.tok))
-                self.engine.submit(req)
+                engine.submit(req)
             live = n
             while live:
                 try:
@@ -290,13 +320,17 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=cfg.model_id, created=server.created, context_length=server.engine.context)]
-        )
+        card = ModelCard(id=cfg.model_id, created=server.created, context_length=server.engine.context,
+                         **server.served)  # fmt: skip
+        return ModelList(data=[card])
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
-        return {"engine": server.engine.metrics(), "prefix_cache": server.engine.prefix.metrics()}
+        out = {"engine": server.engine.metrics(), "prefix_cache": server.engine.prefix.metrics()}
+        if server.routes:
+            out["verticals"] = {name: {"engine": e.metrics(), "prefix_cache": e.prefix.metrics()}
+                                for name, e in server.routes.items()}  # fmt: skip
+        return out
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: Request):

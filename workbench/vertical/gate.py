@@ -41,10 +41,16 @@ def prompt_features(base: Model, prompts: Sequence[str], tokenizer, batch: int =
     """(N, D): per prompt, the mean over its tokens of the base's last hidden state."""
     from workbench.rl.rollout import encode_prompt
 
+    return token_features(base, [encode_prompt(tokenizer, p) for p in prompts])
+
+
+@torch.no_grad()
+def token_features(base: Model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(N, D): ``prompt_features`` of prompts already encoded (token ids, as a server receives them)."""
     feats = []
     with eval_mode(base):
         for p in prompts:  # prompts differ in length; one at a time keeps the mean exact (no padding)
-            ids = torch.tensor([encode_prompt(tokenizer, p)], device=base.device)
+            ids = torch.tensor([list(p)], device=base.device)
             feats.append(base(ids, compute_mtp=False).hidden[0].float().mean(0).cpu())  # (D,)
     return torch.stack(feats)
 
@@ -82,7 +88,16 @@ class DomainGate:
         """Per prompt: the vertical with the largest positive logit, or None (the base)."""
         if not prompts:
             return []
-        z = self.logits(prompts)
+        return self._pick(self.logits(prompts))
+
+    def route_ids(self, prompts: Sequence[Sequence[int]]) -> list[str | None]:
+        """``route`` for prompts already encoded (token ids)."""
+        if not prompts:
+            return []
+        x = token_features(self.base, prompts)
+        return self._pick(torch.stack([x @ w for w in self.probes.values()], dim=1))
+
+    def _pick(self, z: torch.Tensor) -> list[str | None]:
         names = list(self.probes)
         best = z.argmax(dim=1)
         return [names[int(b)] if float(z[i, b]) > 0 else OLD for i, b in enumerate(best)]
@@ -123,4 +138,4 @@ class Verticals:
         return routes, out
 
 
-__all__ = ["OLD", "DomainGate", "Verticals", "gated_choice", "prompt_features"]
+__all__ = ["OLD", "DomainGate", "Verticals", "gated_choice", "prompt_features", "token_features"]
