@@ -96,11 +96,13 @@ def build(args):
 def run_serve(args) -> int:
     import uvicorn
 
+    from workbench.serve.server import KEEP_ALIVE_S
+
     engines, app, cfg = build(args)
     where = f"http://{args.host}:{args.port}"
     print(f"serving {cfg.model_id!r} on {where}/v1 ({'API key required' if cfg.api_key else 'no API key'})")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         for engine in engines:
             engine.stop()

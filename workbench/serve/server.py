@@ -63,6 +63,11 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 _UNION_TAG = re.compile(r"(str|int|float|bool|none|list\[.*\]|dict\[.*\])")  # pydantic names union members in loc
 
 
+# Seconds an idle keep-alive connection stays open. uvicorn's default (5 s) races pooled clients: a client
+# that reuses a connection just as the server closes it gets "connection reset by peer" on a healthy server.
+KEEP_ALIVE_S = 75
+
+
 @dataclass
 class ServeConfig:
     model_id: str = "workbench"  # the name clients pass as "model"
@@ -476,7 +481,9 @@ class Background:
         sock.bind((host, port))
         self.port = sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE_S)
+        )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
@@ -490,4 +497,4 @@ class Background:
         self._thread.join(timeout=30)
 
 
-__all__ = ["APIError", "Background", "BodyLimit", "ServeConfig", "Server", "create_app"]
+__all__ = ["KEEP_ALIVE_S", "APIError", "Background", "BodyLimit", "ServeConfig", "Server", "create_app"]
