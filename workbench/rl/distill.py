@@ -207,8 +207,8 @@ def compare_students(
     Learning rates. Without ``lr_grid`` the distilled students train at ``lr`` and the RL student at
     ``rl_lr`` (None: ``grpo.lr``, RL's own smaller default). With ``lr_grid`` every method trains at every
     rate of the grid and keeps the one whose student is most accurate on ``tune_problems`` *training-split*
-    problems (the held-out test problems stay untouched for the comparison); a grid of one rate trains
-    every method at that one rate, with no tuning evaluation.
+    problems (the held-out test problems stay untouched for the comparison; a tie keeps the earlier rate
+    of the grid); a grid of one rate trains every method at that one rate, with no tuning evaluation.
 
     Returns ``{"teacher", "student_base", *methods}`` held-out evaluations, the teacher's acceptance
     statistics (``teacher_traces``) and its traces (``pairs``), the metrics, seconds (training and
