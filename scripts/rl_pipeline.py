@@ -74,6 +74,7 @@ def main() -> None:
         t = time.perf_counter()
         d = run_distillation(task, teacher, scale, seed=args.seed)
         metrics = d.pop("metrics")
+        d.pop("models"), d.pop("pairs")  # trained models and traces do not go into the JSON report
         for name, rows in metrics.items():
             _dump(out, f"distill_{name}", rows)
         report["distill"] = d

@@ -201,6 +201,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                   eval_temperature=h.eval_temperature, max_new_tokens=h.max_new_tokens,
                                   seed=cfg.seed, tokenizer=tok, progress=not args.no_progress)  # fmt: skip
         metrics = report.pop("metrics")
+        report.pop("models"), report.pop("pairs")  # trained models and traces do not go into a JSON report
         for name, rows in metrics.items():
             atomic_write_text(out / name / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_report(out, {"task": task.name, "mode": "compare", **report})

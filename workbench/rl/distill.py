@@ -22,8 +22,14 @@ Two ways to distil, both here:
 (a) by sequence-level distillation, (b) by logit distillation, (c) by GRPO alone, each for the same
 number of optimiser steps, and evaluated on the same held-out problems.
 
-Where it simplifies: the budget is counted in optimiser steps, not in FLOPs; the teacher's sampling
-cost is not charged to the distilled students (in R1's setting it is paid once, by the teacher).
+The learning rate decides such a comparison as much as the method: SFT takes large steps on clean
+targets, GRPO's noisy gradients want small ones. ``compare_students`` therefore either trains every
+method at one stated rate, or tunes each on the same grid (``lr_grid``) and reports the rate it kept.
+
+Where it simplifies: the budget is counted in optimiser steps (``workbench.analysis.cost`` counts the
+FLOPs of each run from its metrics); the teacher's sampling cost is not charged to the distilled
+students (in R1's setting it is paid once, by the teacher); the tuning problems are training-split
+problems, which a student may have trained on (the task has no separate validation split).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from workbench.config import ConfigError
 from workbench.io.tokenizer import Tokenizer, tokenizer_of
 from workbench.model import IGNORE_INDEX, Model
 from workbench.rl.grpo import GRPOConfig, grpo_train
-from workbench.rl.rollout import held_out_evaluator
+from workbench.rl.rollout import evaluate, held_out_evaluator
 from workbench.rl.sft import Pair, PairSampler, SFTConfig, rejection_sample, sft_batch, sft_train
 from workbench.tasks import Task
 from workbench.train.loop import Update, fit
@@ -167,6 +173,9 @@ def logit_distill(
     return result.metrics
 
 
+METHODS = ("sequence_distill", "logit_distill", "rl_only")
+
+
 def compare_students(
     teacher: Model,
     student_base: Model,
@@ -175,6 +184,10 @@ def compare_students(
     steps: int = 150,
     batch_size: int = 32,
     lr: float = 1e-3,
+    rl_lr: float | None = None,
+    lr_grid: Sequence[float] | None = None,
+    tune_problems: int = 64,
+    methods: Sequence[str] = METHODS,
     n_prompts: int = 1024,
     grpo: GRPOConfig | None = None,
     eval_problems: int = 128,
@@ -185,15 +198,30 @@ def compare_students(
     tokenizer: Tokenizer | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The same student, three ways, ``steps`` optimiser steps each; held-out results side by side.
+    """The same student, several ways, ``steps`` optimiser steps each; held-out results side by side.
 
     * ``sequence_distill``: SFT on the teacher's verified traces for ``n_prompts`` training problems;
     * ``logit_distill``: KL to the teacher's distributions on the same traces;
     * ``rl_only``: GRPO from the student base (``grpo``; its ``steps * inner_steps`` is set to ``steps``).
 
-    Returns ``{"teacher", "student_base", "sequence_distill", "logit_distill", "rl_only"}`` evaluations,
-    the teacher's acceptance statistics, the metrics of each run and the settings.
+    Learning rates. Without ``lr_grid`` the distilled students train at ``lr`` and the RL student at
+    ``rl_lr`` (None: ``grpo.lr``, RL's own smaller default). With ``lr_grid`` every method trains at every
+    rate of the grid and keeps the one whose student is most accurate on ``tune_problems`` *training-split*
+    problems (the held-out test problems stay untouched for the comparison; a tie keeps the earlier rate
+    of the grid); a grid of one rate trains every method at that one rate, with no tuning evaluation.
+
+    Returns ``{"teacher", "student_base", *methods}`` held-out evaluations, the teacher's acceptance
+    statistics (``teacher_traces``) and its traces (``pairs``), the metrics, seconds (training and
+    evaluation of the kept run), learning rate (``lr``), tuning accuracies (``tuning``: method -> {lr: acc})
+    and trained model (``models``) of each method, and the settings. ``models`` and ``pairs`` do not
+    serialise: a caller writing the report to JSON pops them first.
     """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty selection of {METHODS}, got {list(methods)}")
+    grid = [float(x) for x in lr_grid] if lr_grid is not None else None
+    if grid is not None and (not grid or not all(x > 0 for x in grid)):
+        raise ValueError(f"lr_grid must hold one or more positive learning rates, got {lr_grid}")
     tok = tokenizer_of(teacher, tokenizer)
     ev = held_out_evaluator(
         task,
@@ -208,40 +236,62 @@ def compare_students(
     report: dict[str, Any] = {"teacher": ev(teacher), "student_base": ev(student_base)}
     pairs, stats = teacher_traces(teacher, task, n_prompts, tokenizer=tok, max_new_tokens=max_new_tokens, seed=seed)
     report["teacher_traces"] = stats
+    report["pairs"] = pairs
     if not pairs:
         raise ValueError("the teacher solved none of the training problems; train a stronger teacher")
 
-    timings = {}
-    t = time.perf_counter()
-    seq_student = copy.deepcopy(student_base)
-    sft = SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    seq_metrics = sft_train(seq_student, pairs, sft, tokenizer=tok, progress=progress, desc="seq-distill").metrics
-    report["sequence_distill"] = ev(seq_student)
-    timings["sequence_distill"] = time.perf_counter() - t
+    g0 = grpo or GRPOConfig(max_new_tokens=max_new_tokens)
+    g0 = GRPOConfig(**{**asdict(g0), "steps": max(1, steps // g0.inner_steps), "eval_every": 0, "seed": seed})
 
-    t = time.perf_counter()
-    logit_student = copy.deepcopy(student_base)
-    dc = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    logit_metrics = logit_distill(logit_student, teacher, pairs, dc, tokenizer=tok, progress=progress)
-    report["logit_distill"] = ev(logit_student)
-    timings["logit_distill"] = time.perf_counter() - t
+    def train_one(method: str, rate: float) -> tuple[Model, list[dict[str, Any]]]:
+        student = copy.deepcopy(student_base)
+        if method == "sequence_distill":
+            sft = SFTConfig(steps=steps, batch_size=batch_size, lr=rate, seed=seed)
+            return student, sft_train(student, pairs, sft, tokenizer=tok, progress=progress, desc="seq-distill").metrics
+        if method == "logit_distill":
+            dc = DistillConfig(steps=steps, batch_size=batch_size, lr=rate, seed=seed)
+            return student, logit_distill(student, teacher, pairs, dc, tokenizer=tok, progress=progress)
+        g = GRPOConfig(**{**asdict(g0), "lr": rate})
+        return student, grpo_train(student, task, g, tokenizer=tok, progress=progress).metrics
 
-    t = time.perf_counter()
-    rl_student = copy.deepcopy(student_base)
-    g = grpo or GRPOConfig(max_new_tokens=max_new_tokens)
-    g = GRPOConfig(**{**asdict(g), "steps": max(1, steps // g.inner_steps), "eval_every": 0, "seed": seed})
-    rl = grpo_train(rl_student, task, g, tokenizer=tok, progress=progress)
-    report["rl_only"] = ev(rl_student)
-    timings["rl_only"] = time.perf_counter() - t
+    tune = None
+    if grid is not None and len(grid) > 1:
+        tune = _tuning_evaluator(task, tok, tune_problems, seed + 7919, eval_samples, eval_temperature, max_new_tokens)
 
-    report["metrics"] = {"sequence_distill": seq_metrics, "logit_distill": logit_metrics, "rl_only": rl.metrics}
+    timings, rates, tuning, models, metrics = {}, {}, {}, {}, {}
+    for method in methods:
+        if grid is None:
+            candidates = [lr if method != "rl_only" else (rl_lr if rl_lr is not None else g0.lr)]
+        else:
+            candidates = grid
+        best = None
+        for rate in candidates:
+            t = time.perf_counter()
+            student, rows = train_one(method, rate)
+            score = tune(student)["accuracy"] if tune is not None else None
+            if score is not None:
+                tuning.setdefault(method, {})[rate] = score
+            if best is None or (score is not None and score > best[0]):
+                best = (score, rate, student, rows, time.perf_counter() - t)
+        _, rates[method], models[method], metrics[method], seconds = best
+        t = time.perf_counter()
+        report[method] = ev(models[method])
+        timings[method] = seconds + time.perf_counter() - t
+
+    report["metrics"] = metrics
     report["seconds"] = timings
+    report["lr"] = rates
+    report["tuning"] = tuning
+    report["models"] = models
     report["settings"] = {
         "optimizer_steps": steps,
         "batch_size": batch_size,
         "n_prompts": n_prompts,
-        "grpo_steps": g.steps,
-        "grpo_inner_steps": g.inner_steps,
+        "methods": list(methods),
+        "lr_grid": grid,
+        "tune_problems": tune_problems if tune is not None else 0,
+        "grpo_steps": g0.steps,
+        "grpo_inner_steps": g0.inner_steps,
         "eval_problems": eval_problems,
         "eval_samples": eval_samples,
         "eval_temperature": eval_temperature,
@@ -249,4 +299,17 @@ def compare_students(
     return report
 
 
-__all__ = ["DistillConfig", "compare_students", "distill_kl", "logit_distill", "teacher_traces"]
+def _tuning_evaluator(
+    task: Task, tok: Tokenizer, n: int, seed: int, n_samples: int, temperature: float, max_new_tokens: int
+):
+    """``ev(model)`` on ``n`` training-split problems (the tuning set; the test split is for the comparison)."""
+    examples = task.sample(n, seed=seed, split="train")
+
+    def ev(model: Model) -> dict[str, Any]:
+        return evaluate(model, task, examples, tok, n_samples=n_samples, temperature=temperature,
+                        max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+
+    return ev
+
+
+__all__ = ["METHODS", "DistillConfig", "compare_students", "distill_kl", "logit_distill", "teacher_traces"]

@@ -185,8 +185,11 @@ def run_distillation(
     student_base: Model | None = None,
     seed: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Teacher -> smaller student three ways (``distill.compare_students``), same steps each."""
+    """Teacher -> smaller student three ways (``distill.compare_students``), same steps each.
+
+    ``options`` go to ``compare_students`` (``lr``, ``rl_lr``, ``lr_grid``, ``tune_problems``, ``methods``)."""
     s = get_scale(scale)
     if student_base is None:
         student_base = make_base(task, s, seed=seed, student=True, progress=progress)
@@ -204,6 +207,7 @@ def run_distillation(
         max_new_tokens=s.max_new_tokens,
         seed=seed,
         progress=progress,
+        **options,
     )
 
 
