@@ -6,7 +6,7 @@
     # print the table (mean +- std over seeds) of one or more row files
     python scripts/vertical_compare.py table runs/compare.jsonl
     # two verticals trained separately onto one base, then served together behind the gate
-    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py compose --rows runs/compose.jsonl
+    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py compose --gates linear mlp --rows runs/c.jsonl
 
 Every run is ``workbench.vertical.specialise`` on the shipped base (``data/add-base``), so the rows are what
 ``python -m workbench vertical --method ... --rows FILE`` writes too. The columns: new-task accuracy (greedy,
@@ -106,7 +106,7 @@ def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
 
 
 def compose(tasks: list[str], fields: dict, rows_path: Path | None, base_path: Path, threads: int,
-            tolerance: float, old_tolerance: float) -> bool:  # fmt: skip
+            tolerance: float, old_tolerance: float, gates: list[str]) -> bool:  # fmt: skip
     """Train one vertical per task alone, serve them together behind the gate, compare; True when both hold."""
     import tempfile
     import time
@@ -135,35 +135,39 @@ def compose(tasks: list[str], fields: dict, rows_path: Path | None, base_path: P
             models[t] = apply_delta(base, Path(tmp) / t)  # loaded from the delta file, as serving loads it
     prompts = {t: [get_task(t).prompt(ex) for ex in get_task(t).sample(300, seed=1, split="train")] for t in tasks}
     old_prompts = [old.prompt(ex) for ex in old.sample(300, seed=1, split="train")]
-    gate = DomainGate.fit(base, tok, prompts, old_prompts)
-    served = Verticals(base, models, gate)
     r0 = recipes[tasks[0]]
-    out: dict = {"tasks": tasks, "recipe": {k: v for k, v in fields.items()}, "base": str(base_path), "rows": []}
+    out: dict = {"tasks": tasks, "recipe": dict(fields), "base": str(base_path), "rows": []}
     ok = True
-    for name in [*tasks, old.name]:
-        task = get_task(name)
-        n = r0.old_eval_problems if name == old.name else r0.eval_problems
-        examples = task.sample(n, seed=0, split="test")  # the same held-out problems specialise measured
-        routes, correct = served.correctness(task, examples, tok, max_new_tokens=r0.max_new_tokens)
-        together = sum(correct) / n
-        if name == old.name:
-            ref, ref_name, tol = alone[tasks[0]]["cold"]["gated"]["base_old_acc"], "the base", old_tolerance
-        else:
-            ref, ref_name, tol = alone[name]["cold"]["acc"], "its delta alone", tolerance
-        held = abs(together - ref) <= tol / 100
-        ok &= held
-        share = {str(r): sum(x == r for x in routes) / n for r in [*tasks, None]}
-        out["rows"].append({"task": name, "n": n, "together": together, "reference": ref, "reference_is": ref_name,
-                            "tolerance_points": tol, "holds": held, "routed": share})  # fmt: skip
-        routed = ", ".join(f"{'base' if r == 'None' else r} {100 * s:.1f}%" for r, s in share.items())
-        print(f"{name:>8}: together {100 * together:5.1f}%  vs {ref_name} {100 * ref:5.1f}%  "
-              f"({100 * (together - ref):+.1f} points, tolerance {tol:g}: {'holds' if held else 'FAILS'})  "
-              f"routed to: {routed}", flush=True)  # fmt: skip
+    for probe in gates:
+        served = Verticals(base, models, DomainGate.fit(base, tok, prompts, old_prompts, probe=probe))
+        held_all = True
+        for name in [*tasks, old.name]:
+            task = get_task(name)
+            n = r0.old_eval_problems if name == old.name else r0.eval_problems
+            examples = task.sample(n, seed=0, split="test")  # the same held-out problems specialise measured
+            routes, correct = served.correctness(task, examples, tok, max_new_tokens=r0.max_new_tokens)
+            together = sum(correct) / n
+            if name == old.name:
+                ref, ref_name, tol = alone[tasks[0]]["cold"]["gated"]["base_old_acc"], "the base", old_tolerance
+            else:
+                ref, ref_name, tol = alone[name]["cold"]["acc"], "its delta alone", tolerance
+            held = abs(together - ref) <= tol / 100 + 1e-9
+            held_all &= held
+            share = {str(r): sum(x == r for x in routes) / n for r in [*tasks, None]}
+            out["rows"].append({"gate": probe, "task": name, "n": n, "together": together, "reference": ref,
+                                "reference_is": ref_name, "tolerance_points": tol, "holds": held,
+                                "routed": share})  # fmt: skip
+            routed = ", ".join(f"{'base' if r == 'None' else r} {100 * s:.1f}%" for r, s in share.items())
+            print(f"gate {probe:>6} {name:>8}: together {100 * together:5.1f}%  vs {ref_name} {100 * ref:5.1f}%  "
+                  f"({100 * (together - ref):+.1f} points, tolerance {tol:g}: {'holds' if held else 'FAILS'})  "
+                  f"routed to: {routed}", flush=True)  # fmt: skip
+        print(f"gate {probe}: composition {'holds' if held_all else 'does not hold'}", flush=True)
+        ok &= held_all
     out["alone"] = {t: {"acc": r["cold"]["acc"], "old_acc": r["cold"]["old_acc"], "gated": r["cold"].get("gated"),
                         "trained_params": r["trained_params"], "delta_bytes": r["delta_bytes"]}
                     for t, r in alone.items()}  # fmt: skip
     out["seconds"] = time.perf_counter() - t0
-    print(f"composition {'holds' if ok else 'does not hold'} ({out['seconds']:.0f} s)")
+    print(f"{out['seconds']:.0f} s")
     if rows_path is not None:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
         with open(rows_path, "a", encoding="utf-8") as f:
@@ -192,6 +196,13 @@ def main() -> None:
     c.add_argument("--old-eval-problems", type=int, default=500, help="held-out old-task problems (default: 500)")
     c.add_argument("--tolerance", type=float, default=2.0, help="points a vertical may lose together (default: 2)")
     c.add_argument("--old-tolerance", type=float, default=1.0, help="points the old task may lose (default: 1)")
+    c.add_argument(
+        "--gates",
+        nargs="+",
+        default=["mlp"],
+        choices=["linear", "mlp"],
+        help="the gates to serve behind (workbench.vertical.gate; default: mlp)",
+    )
     c.add_argument("--rows", help="append the result (one JSON line) to this file")
     c.add_argument("--base", default=str(ROOT / "data" / "add-base"), help="the base model (default: data/add-base)")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -202,7 +213,7 @@ def main() -> None:
         fields = {"method": args.method, "steps": args.steps, "lr": args.lr, "replay": args.replay, "seed": args.seed,
                   "eval_problems": args.eval_problems, "old_eval_problems": args.old_eval_problems}  # fmt: skip
         ok = compose(args.tasks, fields, Path(args.rows) if args.rows else None, Path(args.base), args.threads,
-                     args.tolerance, args.old_tolerance)  # fmt: skip
+                     args.tolerance, args.old_tolerance, args.gates)  # fmt: skip
         raise SystemExit(0 if ok else 1)
     if args.cmd == "run":
         if args.threads < 1:

@@ -131,3 +131,24 @@ def test_a_prompt_set_served_behind_the_gate_is_answered_by_the_routed_model(bas
         assert all("route" not in r for r in alone)
     assert "(answered by base)" in format_rows(rows) and "(answered by borrow)" in format_rows(rows)
     assert not torch.equal(delta.lm_head.weight, base.lm_head.weight)
+
+
+def test_the_mlp_gate_tells_same_shaped_verticals_apart_where_the_linear_probe_cannot(base):
+    from workbench.tasks import get_task
+    from workbench.vertical import DomainGate
+
+    tok = tokenizer_of(base)
+    tasks = {n: get_task(n) for n in ("borrow", "sub", "add")}
+    train = {n: [t.prompt(ex) for ex in t.sample(200, seed=1, split="train")] for n, t in tasks.items()}
+    test = {n: [t.prompt(ex) for ex in t.sample(100, seed=0, split="test")] for n, t in tasks.items()}
+    right = {}
+    for probe in ("linear", "mlp"):
+        gate = DomainGate.fit(base, tok, {"borrow": train["borrow"], "sub": train["sub"]}, train["add"], probe=probe)
+        routes = {n: gate.route(p) for n, p in test.items()}
+        assert all(r is None for r in routes["add"])  # addition is another shape: both gates send it to the base
+        right[probe] = {n: sum(r == n for r in routes[n]) / len(routes[n]) for n in ("borrow", "sub")}
+    # telling borrowing from not is a digit comparison: an interaction, which a hidden layer can represent
+    worst = {probe: min(r.values()) for probe, r in right.items()}
+    assert worst["mlp"] >= 0.93 and worst["mlp"] > worst["linear"] + 0.05, right
+    with pytest.raises(ValueError, match="probe must be one of"):
+        DomainGate.fit(base, tok, {"borrow": train["borrow"]}, train["add"], probe="forest")
