@@ -5,21 +5,29 @@
     PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py run --plan reduced --rows runs/compare.jsonl
     # print the table (mean +- std over seeds) of one or more row files
     python scripts/vertical_compare.py table runs/compare.jsonl
+    # two verticals trained separately onto one base, then served together behind the gate
+    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py compose --gates linear mlp --rows runs/c.jsonl
 
 Every run is ``workbench.vertical.specialise`` on the shipped base (``data/add-base``), so the rows are what
 ``python -m workbench vertical --method ... --rows FILE`` writes too. The columns: new-task accuracy (greedy,
 held out), old-task accuracy ungated and behind the per-request gate, the old task's completion loss,
 trained parameters, optimiser state, step time, delta bytes.
+
+``compose`` measures composition: each task's vertical is trained alone onto the base (its own delta), then
+both deltas are loaded together behind one per-request gate (``workbench.vertical.Verticals``: a probe per
+vertical on the base's prompt features; a request none claims goes to the exact base). Each vertical's
+accuracy served that way must stay within ``--tolerance`` points of its accuracy alone, and the old
+task's within ``--old-tolerance`` points of the base's. Deltas are switched per request, never summed, so
+the two never meet in the weights: the only place they can conflict is the gate, which must tell their
+requests apart (the rows print the routing: which share of each task's requests went where).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,60 +62,18 @@ def _key(d: dict) -> tuple:
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    rows = []
-    for path in paths:
-        if not path.is_file():
-            raise SystemExit(f"error: {path} is not a file of rows (JSONL); run the plan first")
-        with open(path, encoding="utf-8") as f:  # one pass, line by line
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"error: {path}:{n} is not a JSON row ({e})") from None
-    return rows
+    from workbench.vertical.compare import read_rows as read
 
-
-def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return ""
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{scale * m:.{digits}f}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}"
+    try:
+        return read(paths)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table: one line per (task, method, lr, replay, steps), mean ± std (sample) over its seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["task"], r["method"], r["lr"], r["replay"], r["steps"])].append(r)
-    head = ("| task | method | lr | replay | steps | seeds | new % | old % (ungated) | gated new / old % | "
-            "old loss | trained params | optim MB | step ms | delta KB |")  # fmt: skip
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base_old = sorted({round(r["cold"]["gated"]["base_old_acc"], 4) for r in rows if "gated" in r["cold"]})
-    for (task, method, lr, replay, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2:])):
-        cold = [r["cold"] for r in rs]
-        gated = [c["gated"] for c in cold if "gated" in c]
-        g = f"{_ms([x['acc'] for x in gated])} / {_ms([x['old_acc'] for x in gated])}" if gated else ""
-        delta = [r["delta_bytes"] / 1e3 for r in rs if r.get("delta_bytes")]
-        lines.append(
-            f"| {task} | {method} | {lr:g} | {replay:g} | {steps} | {','.join(str(r['seed']) for r in rs)} | "
-            f"{_ms([c['acc'] for c in cold])} | {_ms([c['old_acc'] for c in cold])} | {g} | "
-            f"{_ms([c['old_loss'] for c in cold], 1.0, 3)} | {rs[0]['trained_params']:,} | "
-            f"{rs[0]['optimizer_MB']:.2f} | {_ms([r['step_s'] for r in rs], 1000.0, 0)} | "
-            f"{_ms(delta, 1.0, 0) if delta else '-'} |"
-        )
-    if base_old:
-        lines.append(
-            f"\nbase old-task accuracy (the gated runs measured it): {', '.join(f'{100 * b:.1f}' for b in base_old)}%"
-        )
-    for r in rows:
-        if "grpo" in r:
-            lines.append(f"GRPO {r['task']} {r['method']} seed {r['seed']}: {100 * r['cold']['acc']:.1f} -> "
-                         f"{100 * r['grpo']['acc']:.1f}% ({r['grpo_steps']} steps, lr {r['grpo_lr']:g})")  # fmt: skip
-    return "\n".join(lines)
+    from workbench.vertical.compare import table as tabulate
+
+    return tabulate(rows)
 
 
 def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
@@ -139,6 +105,76 @@ def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
         print(describe_row(row), flush=True)
 
 
+def compose(tasks: list[str], fields: dict, rows_path: Path | None, base_path: Path, threads: int,
+            tolerance: float, old_tolerance: float, gates: list[str]) -> bool:  # fmt: skip
+    """Train one vertical per task alone, serve them together behind the gate, compare; True when both hold."""
+    import tempfile
+    import time
+
+    import torch
+
+    from workbench.io.hf import load_hf
+    from workbench.io.tokenizer import tokenizer_of
+    from workbench.tasks import get_task
+    from workbench.vertical import DomainGate, Recipe, Verticals, apply_delta, describe_row, specialise
+
+    if len(set(tasks)) != len(tasks) or len(tasks) < 2:
+        raise SystemExit(f"error: --tasks needs two or more different tasks, got {tasks}")
+    torch.set_num_threads(threads)
+    recipes = {t: Recipe(**{**fields, "task": t}) for t in tasks}  # bad fields are refused before any training
+    old = get_task(recipes[tasks[0]].old_task)
+    base = load_hf(base_path)
+    tok = tokenizer_of(base)
+    t0 = time.perf_counter()
+    alone, models = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t, recipe in recipes.items():
+            row, _ = specialise(base, recipe, out=Path(tmp) / t)
+            print(describe_row(row), flush=True)
+            alone[t] = row
+            models[t] = apply_delta(base, Path(tmp) / t)  # loaded from the delta file, as serving loads it
+    prompts = {t: [get_task(t).prompt(ex) for ex in get_task(t).sample(300, seed=1, split="train")] for t in tasks}
+    old_prompts = [old.prompt(ex) for ex in old.sample(300, seed=1, split="train")]
+    r0 = recipes[tasks[0]]
+    out: dict = {"tasks": tasks, "recipe": dict(fields), "base": str(base_path), "rows": []}
+    ok = True
+    for probe in gates:
+        served = Verticals(base, models, DomainGate.fit(base, tok, prompts, old_prompts, probe=probe))
+        held_all = True
+        for name in [*tasks, old.name]:
+            task = get_task(name)
+            n = r0.old_eval_problems if name == old.name else r0.eval_problems
+            examples = task.sample(n, seed=0, split="test")  # the same held-out problems specialise measured
+            routes, correct = served.correctness(task, examples, tok, max_new_tokens=r0.max_new_tokens)
+            together = sum(correct) / n
+            if name == old.name:
+                ref, ref_name, tol = alone[tasks[0]]["cold"]["gated"]["base_old_acc"], "the base", old_tolerance
+            else:
+                ref, ref_name, tol = alone[name]["cold"]["acc"], "its delta alone", tolerance
+            held = abs(together - ref) <= tol / 100 + 1e-9
+            held_all &= held
+            share = {str(r): sum(x == r for x in routes) / n for r in [*tasks, None]}
+            out["rows"].append({"gate": probe, "task": name, "n": n, "together": together, "reference": ref,
+                                "reference_is": ref_name, "tolerance_points": tol, "holds": held,
+                                "routed": share})  # fmt: skip
+            routed = ", ".join(f"{'base' if r == 'None' else r} {100 * s:.1f}%" for r, s in share.items())
+            print(f"gate {probe:>6} {name:>8}: together {100 * together:5.1f}%  vs {ref_name} {100 * ref:5.1f}%  "
+                  f"({100 * (together - ref):+.1f} points, tolerance {tol:g}: {'holds' if held else 'FAILS'})  "
+                  f"routed to: {routed}", flush=True)  # fmt: skip
+        print(f"gate {probe}: composition {'holds' if held_all else 'does not hold'}", flush=True)
+        ok &= held_all
+    out["alone"] = {t: {"acc": r["cold"]["acc"], "old_acc": r["cold"]["old_acc"], "gated": r["cold"].get("gated"),
+                        "trained_params": r["trained_params"], "delta_bytes": r["delta_bytes"]}
+                    for t, r in alone.items()}  # fmt: skip
+    out["seconds"] = time.perf_counter() - t0
+    print(f"{out['seconds']:.0f} s")
+    if rows_path is not None:
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(rows_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(out, default=str) + "\n")
+    return ok
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -149,7 +185,36 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     t = sub.add_parser("table", help="print the table of one or more row files")
     t.add_argument("rows", nargs="+", help="JSONL files of rows")
+    c = sub.add_parser("compose", help="two verticals trained alone, served together behind the gate")
+    c.add_argument("--tasks", nargs="+", default=["borrow", "sub"], help="the verticals' tasks (default: borrow sub)")
+    c.add_argument("--method", default=VSTAR, help=f"the method of every vertical (default: {VSTAR})")
+    c.add_argument("--steps", type=int, default=1000, help="steps per vertical (default: 1000)")
+    c.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 0.01)")
+    c.add_argument("--replay", type=float, default=0.0, help="replay share (default: 0; the gate keeps the old task)")
+    c.add_argument("--seed", type=int, default=1, help="seed of every vertical (default: 1)")
+    c.add_argument("--eval-problems", type=int, default=200, help="held-out problems per vertical (default: 200)")
+    c.add_argument("--old-eval-problems", type=int, default=500, help="held-out old-task problems (default: 500)")
+    c.add_argument("--tolerance", type=float, default=2.0, help="points a vertical may lose together (default: 2)")
+    c.add_argument("--old-tolerance", type=float, default=1.0, help="points the old task may lose (default: 1)")
+    c.add_argument(
+        "--gates",
+        nargs="+",
+        default=["mlp"],
+        choices=["linear", "mlp"],
+        help="the gates to serve behind (workbench.vertical.gate; default: mlp)",
+    )
+    c.add_argument("--rows", help="append the result (one JSON line) to this file")
+    c.add_argument("--base", default=str(ROOT / "data" / "add-base"), help="the base model (default: data/add-base)")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     args = p.parse_args()
+    if args.cmd == "compose":
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        fields = {"method": args.method, "steps": args.steps, "lr": args.lr, "replay": args.replay, "seed": args.seed,
+                  "eval_problems": args.eval_problems, "old_eval_problems": args.old_eval_problems}  # fmt: skip
+        ok = compose(args.tasks, fields, Path(args.rows) if args.rows else None, Path(args.base), args.threads,
+                     args.tolerance, args.old_tolerance, args.gates)  # fmt: skip
+        raise SystemExit(0 if ok else 1)
     if args.cmd == "run":
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")

@@ -442,6 +442,10 @@ def run_prompt_set(
 ) -> list[dict[str, Any]]:
     """Run the prompts; one row per input: prompt, question, thinking, answer, expect, correct, text.
 
+    model: a model, or several verticals on one base behind their gate (``workbench.vertical.Verticals``):
+        then each request is answered by the model the gate routes it to, and its row says which (``route``:
+        the vertical's name, or ``"base"``).
+
     overrides: field values for one run of each template instead of its inputs, e.g. ``{"n": 1994}``
         (fields not given come from the template's first input).
     Generation settings: the arguments, else the set's ``defaults``, else greedy with 64 new tokens.
@@ -450,7 +454,10 @@ def run_prompt_set(
 
     from workbench.io.tokenizer import tokenizer_of
     from workbench.rl.rollout import decode_completion, encode_prompt, sample_completions, stop_ids
+    from workbench.vertical.gate import Verticals
 
+    served = model if isinstance(model, Verticals) else None
+    model = served.base if served is not None else model
     tok = tokenizer_of(model, tokenizer)
     d = prompt_set.defaults
     settings = {
@@ -469,8 +476,9 @@ def run_prompt_set(
         for values in inputs:
             question = template.render(values)
             text = prompt_set.prompt_text(question)
+            route = served.gate.route([text])[0] if served is not None else None
             ro = sample_completions(
-                model,
+                served.model_for(route) if served is not None else model,
                 [encode_prompt(tok, text)],
                 1,
                 max_new_tokens=settings["max_new_tokens"],
@@ -493,6 +501,7 @@ def run_prompt_set(
                     "correct": prompt_set.check(answer, expect),
                     "completion": completion,
                     "finished": ro.finished[0],
+                    **({"route": route or "base"} if served is not None else {}),
                 }
             )
     return rows
@@ -503,7 +512,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         args = " ".join(f"{k}={v}" for k, v in r["inputs"].items())
-        out.append(f"[{r['prompt']}{' ' + args if args else ''}] {r['question']}")
+        by = f"  (answered by {r['route']})" if "route" in r else ""
+        out.append(f"[{r['prompt']}{' ' + args if args else ''}] {r['question']}{by}")
         out.append(f"  thinking: {r['thinking'] if r['thinking'] is not None else '(none: no <think>...</think>)'}")
         verdict = ""
         if r["correct"] is not None:

@@ -80,7 +80,7 @@ from workbench.vertical.esft import esft_select, expert_scores, select_experts
 from workbench.vertical.freeze import Trainable, flops_saved_estimate, new_token_ids, train_only_new_experts
 from workbench.vertical.gate import DomainGate, Verticals, gated_choice, prompt_features
 from workbench.vertical.grow import DORMANT_MARGIN, INITS, AddedExperts, add_expert, moe_layers
-from workbench.vertical.measure import completion_loss, domain_windows, old_windows, vertical_metrics
+from workbench.vertical.measure import completion_loss, domain_windows, expert_share, old_windows, vertical_metrics
 from workbench.vertical.methods import PARTS, Prepared, Recipe, RowMasks, prepare
 from workbench.vertical.recipe import (
     VerticalConfig,
@@ -92,7 +92,7 @@ from workbench.vertical.recipe import (
     train_vertical,
     vertical_dataset,
 )
-from workbench.vertical.specialise import describe_row, fit_gate, recipe_dataset, specialise
+from workbench.vertical.specialise import correctness, describe_row, fit_gate, recipe_dataset, specialise
 from workbench.vertical.wake import PROBES, fit_probe, selection_rate, wake_experts
 
 __all__ = [
@@ -104,8 +104,10 @@ __all__ = [
     "RowMasks",
     "Verticals",
     "apply_delta",
+    "correctness",
     "describe_row",
     "esft_select",
+    "expert_share",
     "expert_scores",
     "fingerprint",
     "fit_gate",

@@ -16,10 +16,23 @@ vertical whose probe gives the largest positive logit, or to the base when none 
 delta per vertical switched per request, verticals compose without summing their weights (summed deltas
 collapse: two attention adapters add up, two sets of new experts wake on both domains).
 
-Where it simplifies: a linear probe on mean features separates domains whose prompts differ in shape (addition
-vs a records lookup) perfectly, and same-shaped ones (subtraction with and without borrowing) only as well as
-a mean feature can tell them apart: that is a digit comparison, and the probe misroutes some requests. A
-production router would be a small trained classifier on more than mean features, or an explicit API route.
+Two gates
+---------
+``probe="linear"`` (the default): the features above, one logistic probe per vertical. It separates domains
+whose prompts differ in shape (addition vs a records lookup) perfectly, and same-shaped ones (subtraction
+with and without borrowing) only as well as a linear function of a mean can: telling them apart is a digit
+comparison (is the first number's ones digit below the second's?), and the probe misroutes some requests
+(``scripts/vertical_compare.py compose`` measures it). That is where two verticals on one base conflict:
+never in the weights, always in the routing.
+
+``probe="mlp"`` resolves it: the features are every layer's hidden state at the last prompt token (the
+position that has read the whole question) and the mean of the last layer, standardised, and one small MLP
+(one hidden layer) classifies a request into the old domain or one of the verticals, trained with Adam on
+the same prompts. A comparison of digits is an interaction, which a hidden layer can represent and a
+single linear probe cannot.
+
+Where it simplifies: both gates are fit on a few hundred prompts per domain and never updated; a
+production router would be trained on logged traffic, or requests would carry an explicit route.
 """
 
 from __future__ import annotations
@@ -36,23 +49,67 @@ from workbench.vertical.wake import fit_probe
 OLD = None  # the route of a request that no vertical claims: the base
 
 
+FEATURES = ("mean", "layers")
+GATES = ("linear", "mlp")
+
+
 @torch.no_grad()
-def prompt_features(base: Model, prompts: Sequence[str], tokenizer, batch: int = 64) -> torch.Tensor:
-    """(N, D): per prompt, the mean over its tokens of the base's last hidden state."""
+def prompt_features(base: Model, prompts: Sequence[str], tokenizer, kind: str = "mean") -> torch.Tensor:
+    """Per prompt, what the untouched base makes of it. kind "mean": (N, D), the mean over its tokens of the
+    last hidden state; "layers": (N, (L + 1) D), every layer's output at the last token, then that mean."""
     from workbench.rl.rollout import encode_prompt
 
-    return token_features(base, [encode_prompt(tokenizer, p) for p in prompts])
+    return token_features(base, [encode_prompt(tokenizer, p) for p in prompts], kind)
 
 
 @torch.no_grad()
-def token_features(base: Model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(N, D): ``prompt_features`` of prompts already encoded (token ids, as a server receives them)."""
+def token_features(base: Model, prompts: Sequence[Sequence[int]], kind: str = "mean") -> torch.Tensor:
+    """``prompt_features`` of prompts already encoded (token ids, as a server receives them)."""
+    if kind not in FEATURES:
+        raise ValueError(f"prompt features must be one of {FEATURES}, got {kind!r}")
+    captured: list[torch.Tensor] = []
+    hooks = []
+    if kind == "layers":
+        hooks = [blk.register_forward_hook(lambda m, a, out: captured.append(out[0][0, -1])) for blk in base.layers]
     feats = []
-    with eval_mode(base):
-        for p in prompts:  # prompts differ in length; one at a time keeps the mean exact (no padding)
-            ids = torch.tensor([list(p)], device=base.device)
-            feats.append(base(ids, compute_mtp=False).hidden[0].float().mean(0).cpu())  # (D,)
+    try:
+        with eval_mode(base):
+            for p in prompts:  # prompts differ in length; one at a time keeps the mean exact (no padding)
+                captured.clear()
+                ids = torch.tensor([list(p)], device=base.device)
+                mean = base(ids, compute_mtp=False).hidden[0].float().mean(0)  # (D,)
+                feats.append(torch.cat([*(c.float() for c in captured), mean]).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
     return torch.stack(feats)
+
+
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int = 128, steps: int = 1500,
+            seed: int = 0) -> torch.nn.Module:  # fmt: skip
+    """A one-hidden-layer classifier of standardised features x (N, F) into ``classes`` (labels y (N,)), trained
+    full-batch with Adam on cross-entropy, the classes weighted equally; deterministic for a seed."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    gen = torch.Generator().manual_seed(seed)
+    lin1, lin2 = torch.nn.Linear(x.shape[1], hidden), torch.nn.Linear(hidden, classes)
+    with torch.no_grad():
+        for lin in (lin1, lin2):
+            bound = 1 / lin.in_features**0.5
+            lin.weight.copy_(torch.rand(lin.weight.shape, generator=gen) * 2 * bound - bound)
+            lin.bias.zero_()
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], x.shape[1]), lin1, torch.nn.GELU(), lin2)
+    with torch.no_grad():  # the first layer is the standardisation, frozen
+        net[0].weight.copy_(torch.diag(1 / sd))
+        net[0].bias.copy_(-mu / sd)
+    net[0].requires_grad_(False)
+    counts = torch.bincount(y, minlength=classes).clamp(min=1).float()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=3e-3, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y, weight=counts.sum() / counts).backward()
+            opt.step()
+    return net.requires_grad_(False).eval()
 
 
 @dataclass
@@ -61,18 +118,30 @@ class DomainGate:
 
     base: Model
     tokenizer: object
-    probes: dict[str, torch.Tensor] = field(default_factory=dict)  # vertical name -> w (D,)
+    probes: dict[str, torch.Tensor] = field(default_factory=dict)  # vertical name -> w (D,); for "mlp": None
+    probe: str = "linear"  # "linear" (one logistic probe per vertical) or "mlp" (one classifier of all)
+    net: torch.nn.Module | None = None  # the "mlp" classifier: classes [old, *probes]
 
     @classmethod
-    def fit(cls, base: Model, tokenizer, verticals: dict[str, Sequence[str]], old: Sequence[str]) -> DomainGate:
-        """Fit one probe per vertical: its prompts against the old prompts and the other verticals' prompts."""
+    def fit(cls, base: Model, tokenizer, verticals: dict[str, Sequence[str]], old: Sequence[str],
+            probe: str = "linear", seed: int = 0) -> DomainGate:  # fmt: skip
+        """Fit the gate on each vertical's training prompts and the old domain's. "linear": one probe per
+        vertical, its prompts against the old prompts and the other verticals'; "mlp": one classifier."""
+        if probe not in GATES:
+            raise ValueError(f"probe must be one of {GATES} (the gate's classifier), got {probe!r}")
         if not verticals:
             raise ValueError("give at least one vertical's training prompts to fit the gate")
         for name, prompts in [*verticals.items(), ("old", old)]:
             if len(prompts) < 2:
                 raise ValueError(f"the gate needs at least 2 training prompts per domain; {name!r} has {len(prompts)}")
-        feats = {name: prompt_features(base, p, tokenizer) for name, p in verticals.items()}
-        old_feats = prompt_features(base, old, tokenizer)
+        kind = "mean" if probe == "linear" else "layers"
+        feats = {name: prompt_features(base, p, tokenizer, kind) for name, p in verticals.items()}
+        old_feats = prompt_features(base, old, tokenizer, kind)
+        if probe == "mlp":
+            x = torch.cat([old_feats, *feats.values()])
+            y = torch.cat([torch.full((len(f),), i) for i, f in enumerate([old_feats, *feats.values()])])
+            net = fit_mlp(x, y, 1 + len(feats), seed=seed)
+            return cls(base, tokenizer, dict.fromkeys(feats), probe="mlp", net=net)
         probes = {}
         for name, x in feats.items():
             others = torch.cat([old_feats, *(f for n, f in feats.items() if n != name)])
@@ -80,8 +149,19 @@ class DomainGate:
         return cls(base, tokenizer, probes)
 
     def logits(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(N, V): each vertical's probe logit per prompt (columns in the order of ``probes``)."""
-        x = prompt_features(self.base, prompts, self.tokenizer)
+        """(N, V): per prompt, each vertical's logit against the base (columns in the order of ``probes``;
+        positive: that vertical rather than the base)."""
+        from workbench.rl.rollout import encode_prompt
+
+        return self.logits_ids([encode_prompt(self.tokenizer, p) for p in prompts])
+
+    def logits_ids(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``logits`` for prompts already encoded (token ids)."""
+        if self.probe == "mlp":
+            with torch.no_grad():
+                z = self.net(token_features(self.base, prompts, "layers"))  # (N, 1 + V)
+            return z[:, 1:] - z[:, :1]
+        x = token_features(self.base, prompts)
         return torch.stack([x @ w for w in self.probes.values()], dim=1)
 
     def route(self, prompts: Sequence[str]) -> list[str | None]:
@@ -94,8 +174,7 @@ class DomainGate:
         """``route`` for prompts already encoded (token ids)."""
         if not prompts:
             return []
-        x = token_features(self.base, prompts)
-        return self._pick(torch.stack([x @ w for w in self.probes.values()], dim=1))
+        return self._pick(self.logits_ids(prompts))
 
     def _pick(self, z: torch.Tensor) -> list[str | None]:
         names = list(self.probes)
@@ -138,4 +217,14 @@ class Verticals:
         return routes, out
 
 
-__all__ = ["OLD", "DomainGate", "Verticals", "gated_choice", "prompt_features", "token_features"]
+__all__ = [
+    "FEATURES",
+    "GATES",
+    "OLD",
+    "DomainGate",
+    "Verticals",
+    "fit_mlp",
+    "gated_choice",
+    "prompt_features",
+    "token_features",
+]

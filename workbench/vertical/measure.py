@@ -1,5 +1,5 @@
 """Measuring a vertical: accuracy on the new and the old task, loss per domain, which tokens the new
-experts take, and the windows of each domain those measurements read."""
+experts (or any set of experts, ``expert_share``) take, and the windows of each domain those measurements read."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from workbench.model import Model
 from workbench.util import eval_mode
 from workbench.vertical.grow import AddedExperts, moe_layers
-from workbench.vertical.wake import selection_rate
+from workbench.vertical.wake import _router_inputs, _share_to, selection_rate
 
 
 @torch.no_grad()
@@ -78,6 +78,24 @@ def vertical_metrics(
             live = load[li][torch.isfinite(moe_layers(model)[layer].gate.e_score_correction_bias.cpu())]
             maxvio[layer] = float((live.max() - live.mean()) / live.mean())
     return {**out, "new_expert_share": new_share, "maxvio": maxvio}
+
+
+@torch.no_grad()
+def expert_share(model: Model, experts: dict, ids: torch.Tensor) -> dict[int, float]:
+    """Per MoE layer named in ``experts`` ({layer: [expert indices]}, e.g. ``Prepared.info["trained_experts"]``):
+    the share of the tokens of ``ids`` (B, T) that send at least one routed slot to one of those experts.
+    On the new domain's windows against the old one's it says whose tokens a method's trained experts take."""
+    layers = sorted(int(k) for k, v in experts.items() if len(v))
+    moes = moe_layers(model)
+    unknown = [i for i in layers if i not in moes]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not MoE layers of this model (its MoE layers: {sorted(moes)})")
+    inputs = _router_inputs(model, ids, layers)
+    out = {}
+    for i in layers:
+        chosen = torch.tensor(sorted(int(e) for e in experts.get(i, experts.get(str(i), []))), device=model.device)
+        out[i] = _share_to(moes[i].gate, inputs[i], chosen)
+    return out
 
 
 def domain_windows(dataset, domain: str, n: int = 8, seq_len: int = 64, seed: int = 0) -> torch.Tensor:

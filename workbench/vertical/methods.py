@@ -240,6 +240,7 @@ def prepare(base: Model, recipe: Recipe, dataset, tokenizer) -> Prepared:
         model.requires_grad_(True)
         for name, _ in model.named_parameters():
             masks.add(model, name)
+        info["trained_experts"] = {str(i): list(range(m.gate.n_experts)) for i, m in moe_layers(model).items()}
         return Prepared(model, masks, structure, info)
     added = None
     if "newexp" in parts:
@@ -259,8 +260,11 @@ def prepare(base: Model, recipe: Recipe, dataset, tokenizer) -> Prepared:
     names = dict(model.named_parameters())
     moes = moe_layers(model)
 
+    trained_experts: dict[str, set[int]] = {}  # per MoE layer, the routed experts whose weights change
+
     def expert_rows(layer: int, experts: list[int], router: bool) -> None:
         moe = moes[layer]
+        trained_experts.setdefault(str(layer), set()).update(int(e) for e in experts)
         rows = torch.zeros(moe.gate.n_experts, dtype=torch.bool)
         rows[experts] = True
         for t in EXPERT_TENSORS:
@@ -280,6 +284,10 @@ def prepare(base: Model, recipe: Recipe, dataset, tokenizer) -> Prepared:
         for layer, experts in selected.items():
             expert_rows(layer, experts, router=False)
         info["esft"] = {str(k): v for k, v in selected.items()}
+    if "lora_exp" in parts:  # an adapter on every expert's stacked tensors
+        for layer, moe in moes.items():
+            trained_experts.setdefault(str(layer), set()).update(range(moe.gate.n_experts))
+    info["trained_experts"] = {k: sorted(v) for k, v in sorted(trained_experts.items())}
     for name in names:
         if "lora_" in name:
             masks.add(model, name)
