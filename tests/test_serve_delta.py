@@ -98,9 +98,10 @@ def test_one_delta_serves_exactly_the_base_with_the_delta_applied(base, deltas):
         _stop(engines, bg)
 
 
-def test_two_deltas_compose_behind_the_gate(base, deltas):
+@pytest.mark.parametrize("gate", ["mlp", "linear"])
+def test_two_deltas_compose_behind_the_gate(base, deltas, gate):
     borrow, lookup = deltas
-    engines, bg, cfg = _start("--model", str(BASE), "--delta", str(borrow), "--delta", str(lookup))
+    engines, bg, cfg = _start("--model", str(BASE), "--delta", str(borrow), "--delta", str(lookup), "--gate", gate)
     try:
         assert len(engines) == 3  # the base's, and one per vertical
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=120)

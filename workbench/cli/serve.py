@@ -32,6 +32,11 @@ def add_subcommand(sub) -> None:
     )  # fmt: skip
     s.add_argument("--model-id", help="the name clients pass as 'model' (default: the folder's name, then "
                    "'+' and each delta's)")  # fmt: skip
+    s.add_argument(
+        "--gate", choices=("mlp", "linear"), default="mlp",
+        help="with several --delta: the classifier that routes each request (mlp tells apart verticals whose prompts "
+        "share a shape; linear is one logistic probe per vertical)",
+    )  # fmt: skip
     s.add_argument("--prompts", nargs="+", default=[], metavar="FILE", help="prompt set files (read at start only)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 takes a free one)")
@@ -76,7 +81,9 @@ def build(args):
         raise FileNotFoundError(f"--model: no model folder at {folder}")
     base = load_hf(folder, device=resolve_device(args.device))
     tok = tokenizer_of(base)
-    served = load_served(base, folder.resolve().name, args.delta, tok)  # a bad --delta fails here, port closed
+    served = load_served(
+        base, folder.resolve().name, args.delta, tok, gate=args.gate
+    )  # a bad --delta fails here, port closed
     cfg = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting,
                        prefix_cache_bytes=int(args.cache_mib * (1 << 20)))  # fmt: skip
     model = served.default

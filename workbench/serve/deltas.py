@@ -99,8 +99,10 @@ def load_delta(base: Model, folder: str | Path) -> tuple[Model, dict[str, Any]]:
     return model.eval(), meta
 
 
-def fit_delta_gate(base: Model, tokenizer, metas: dict[str, dict[str, Any]], n: int = GATE_PROMPTS):
-    """The ``DomainGate`` of several deltas, from the tasks their recipes name (one vertical per task)."""
+def fit_delta_gate(base: Model, tokenizer, metas: dict[str, dict[str, Any]], n: int = GATE_PROMPTS, probe: str = "mlp"):
+    """The ``DomainGate`` of several deltas, from the tasks their recipes name (one vertical per task). ``probe``
+    "mlp" by default: verticals whose prompts share one shape (subtraction with and without borrowing) are
+    told apart by it, not by the linear probe (lesson 9's two-verticals rows)."""
     from workbench.tasks import get_task, task_names
     from workbench.vertical.gate import DomainGate
 
@@ -126,10 +128,10 @@ def fit_delta_gate(base: Model, tokenizer, metas: dict[str, dict[str, Any]], n: 
     new_p = {name: [get_task(t).prompt(ex) for ex in get_task(t).sample(n, seed=1, split="train")]
              for name, t in tasks.items()}  # fmt: skip
     old_p = [get_task(t).prompt(ex) for t in sorted(old) for ex in get_task(t).sample(n, seed=1, split="train")]
-    return DomainGate.fit(base, tokenizer, new_p, old_p)
+    return DomainGate.fit(base, tokenizer, new_p, old_p, probe=probe)
 
 
-def load_served(base: Model, base_name: str, folders: list[str | Path], tokenizer=None) -> Served:
+def load_served(base: Model, base_name: str, folders: list[str | Path], tokenizer=None, gate: str = "mlp") -> Served:
     """The base and every ``--delta`` applied onto it; with several, the gate that routes between them."""
     served = Served(base.eval(), base_name)
     for folder in folders:
@@ -142,7 +144,7 @@ def load_served(base: Model, base_name: str, folders: list[str | Path], tokenize
             from workbench.io.tokenizer import tokenizer_of
 
             tokenizer = tokenizer_of(base)
-        served.gate = fit_delta_gate(base, tokenizer, served.metas)
+        served.gate = fit_delta_gate(base, tokenizer, served.metas, probe=gate)
     return served
 
 
