@@ -18,12 +18,11 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from test_serve import _greedy  # noqa: E402  (one definition of what the server must answer)
+
 from workbench.cli import build_parser, main  # noqa: E402
 from workbench.cli.serve import build  # noqa: E402
 from workbench.io.hf import load_hf  # noqa: E402
-from workbench.io.tokenizer import tokenizer_of  # noqa: E402
-from workbench.model.generate import generate  # noqa: E402
-from workbench.rl.rollout import encode_prompt, stop_ids  # noqa: E402
 from workbench.serve.server import Background  # noqa: E402
 from workbench.tasks import get_task  # noqa: E402
 from workbench.vertical import Recipe, apply_delta, specialise  # noqa: E402
@@ -58,16 +57,6 @@ def _stop(engines, bg) -> None:
     bg.stop()
     for e in engines:
         e.stop()
-
-
-def _greedy(model, text: str, max_tokens: int) -> str:
-    """What the server must answer: generate() alone, cut after the first stop token, decoded."""
-    tok = tokenizer_of(model)
-    ids = encode_prompt(tok, text)
-    new = generate(model, ids, max_tokens)[0, len(ids) :].tolist()
-    stops = set(stop_ids(tok))
-    cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
-    return tok.decode(new[:cut], skip_special=True)
 
 
 def _prompts(task: str, n: int = 3) -> list[str]:
