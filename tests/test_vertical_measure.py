@@ -152,3 +152,20 @@ def test_the_mlp_gate_tells_same_shaped_verticals_apart_where_the_linear_probe_c
     assert worst["mlp"] >= 0.93 and worst["mlp"] > worst["linear"] + 0.05, right
     with pytest.raises(ValueError, match="probe must be one of"):
         DomainGate.fit(base, tok, {"borrow": train["borrow"]}, train["add"], probe="forest")
+
+
+def test_rows_of_another_base_or_with_grpo_are_other_configurations(tmp_path):
+    from workbench.vertical.compare import config_of, label
+
+    row = read_rows([LAPTOP])[0]
+    other = {**row, "base": "/somewhere/data/read-base"}
+    tuned = {**row, "grpo_steps": 40, "grpo_lr": 3e-4, "grpo": {**row["cold"], "acc": 0.5}}
+    groups = group_rows([row, other, tuned])
+    assert len(groups) == 3
+    assert [c.base for c in groups] == ["add-base", "add-base", "read-base"]
+    assert config_of(tuned).grpo_steps == 40 and config_of(row).grpo_steps == 0
+    assert label(config_of(other)).endswith(", on read-base)")
+    assert "then 40 GRPO steps at lr 0.0003" in label(config_of(tuned))
+    text = table([row, other, tuned])
+    assert "after GRPO" in text and "| 50.0 / " in text and "(40 steps, lr 0.0003)" in text
+    assert "after GRPO" not in table([row, other])  # the column only when a row ran GRPO
