@@ -131,3 +131,26 @@ def test_roman_numerals_round_trip_and_canonical_parsing():
     assert task.trace(Example("roman", "40", "", "X L", {"n": 40})).startswith("<think> tens: 4 = X L. ones: 0.")
     assert task.reward(trace, ex) == {"accuracy": 1.0, "format": 1.0}
     assert task.reward("<think>x</think><answer>CCCV</answer>", ex)["accuracy"] == 1.0
+
+
+def test_recall_copies_and_finds_records_by_key():
+    from workbench.tasks.recall import parse_digits
+
+    task = get_task("recall")
+    exs = task.sample(400, seed=0)
+    kinds = {ex.data["kind"] for ex in exs}
+    assert kinds == {"copy", "recall"}
+    for ex in exs:
+        if ex.data["kind"] == "copy":
+            assert ex.question == f"Repeat {ex.answer}."
+        else:  # the answer is the value written after the asked key, and keys are distinct
+            records = dict(r.split(": ") for r in ex.question.rsplit(". Find ", 1)[0].split("; "))
+            assert len(records) == ex.question.count(":") and records[ex.data["key"]] == ex.answer
+            assert ex.question.endswith(f"Find {ex.data['key']}.")
+    assert parse_digits(" 0 4  7 ") == "0 4 7" and parse_digits("47") is None and parse_digits("") is None
+    copy = next(ex for ex in exs if ex.data["kind"] == "copy")
+    assert not task.is_correct(copy.answer + " 1", copy) and task.is_correct(f" {copy.answer} ", copy)
+    # kept apart from the lookup vertical: other keys, another separator, another question
+    lookup = get_task("lookup").sample(50, seed=0)
+    assert all("=" not in ex.question and "What is" not in ex.question for ex in exs)
+    assert all(" = " in ex.question and ":" not in ex.question for ex in lookup)

@@ -27,6 +27,7 @@ something to improve on both counts.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 
 from workbench.config import ModelConfig
@@ -71,19 +72,22 @@ def pretrain_base(
     *,
     n_docs: int = 4000,
     think_fraction: float = 0.3,
+    extra: Sequence[Document] = (),
     tokenizer: Tokenizer | None = None,
     out_dir=None,
     progress: bool = True,
 ) -> TrainResult:
     """Pre-train a base model on ``base_documents`` with ``workbench.train.train``; returns its result.
 
-    Defaults: the ``tiny`` preset without MTP, 300 steps of 32 windows of 64 tokens.
+    extra: more documents mixed into the corpus (``base_documents`` of another task: the reading drills of
+    ``recall`` for a base that must read). Defaults: the ``tiny`` preset without MTP, 300 steps of 32
+    windows of 64 tokens.
     """
     tok = tokenizer or load_tokenizer()
     model_config = model_config or rl_model_config()
     tc = tc or base_train_config()
     tc = replace(tc)  # never mutate the caller's config
-    docs = base_documents(task, n_docs, seed=tc.data_seed, think_fraction=think_fraction)
+    docs = base_documents(task, n_docs, seed=tc.data_seed, think_fraction=think_fraction) + list(extra)
     dataset = TokenDataset.from_documents(docs, tok, val_fraction=0.1, seed=tc.data_seed)
     return train(model_config, tc, out_dir, dataset=dataset, progress=progress)
 

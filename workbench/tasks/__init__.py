@@ -19,6 +19,10 @@ The tasks
 ``lookup``
     Read one of four records: ``A = 4 7, F = 3 2, C = 9 1, H = 5 5. What is C?`` -> ``9 1``. Outside
     arithmetic, and it needs reading by content, which an add base never learnt (``lookup.py``).
+``recall``
+    Reading drills: copy a digit string (``Repeat 4 7 1 9.``) or find a record by its key
+    (``k: 4 7; m: 3 2. Find m.``). Not a vertical: mixed into a base's corpus, they teach it to read by
+    content, which the ``lookup`` vertical needs (``recall.py``, ``scripts/make_vertical_base.py --read``).
 ``arithmetic``
     Two- and three-digit addition and subtraction (never negative), with column-by-column traces
     (``7 + 8 = 15, carry 1.`` / ``3 - 8 < 0, 13 - 8 = 5, borrow 1.``).
@@ -60,6 +64,7 @@ from workbench.tasks.integers import (
     subtraction_steps,
 )
 from workbench.tasks.lookup import lookup_prompt, lookup_trace, lookup_verify, make_lookup
+from workbench.tasks.recall import make_recall, parse_digits, recall_prompt, recall_trace, recall_verify
 from workbench.tasks.roman import make_roman, parse_roman, roman_trace, roman_verify, to_roman
 from workbench.tasks.task import PROBLEM_SPLITS, PROMPT_TEMPLATE, Example, Task, chat_prompt, split_of_key
 
@@ -100,6 +105,15 @@ TASKS: dict[str, Task] = {
         verify=lookup_verify,
         trace=lookup_trace,
     ),
+    "recall": Task(
+        name="recall",
+        description="reading drills: copy digits, find a record by its key (a base's corpus, not a vertical)",
+        make=make_recall,
+        prompt=recall_prompt,
+        parse_answer=parse_digits,
+        verify=recall_verify,
+        trace=recall_trace,
+    ),
     "arithmetic": Task(
         name="arithmetic",
         description="two- and three-digit addition and subtraction",
@@ -135,7 +149,7 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``add``, ``sub``, ``borrow``, ``lookup``, ``arithmetic``, ``countdown``, ``roman``)."""
+    """The task called ``name``: one of ``TASKS`` (``add``, ``sub``, ``borrow``, ``lookup``, ``recall``, ...)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
