@@ -3,12 +3,16 @@
     # run the plan (one process, one run at a time; rows are appended as each run ends, and rows already in
     # the file are skipped, so an interrupted comparison continues where it stopped)
     PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py run --plan reduced --rows runs/compare.jsonl
+    # the other plans: a short cold start then GRPO on the same parameters; lookup on the base that reads
+    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py run --plan grpo --rows runs/grpo.jsonl
+    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py run --plan lookup --rows runs/lookup.jsonl
     # print the table (mean +- std over seeds) of one or more row files
     python scripts/vertical_compare.py table runs/compare.jsonl
     # two verticals trained separately onto one base, then served together behind the gate
     PYTHONHASHSEED=0 OMP_NUM_THREADS=1 python scripts/vertical_compare.py compose --gates linear mlp --rows runs/c.jsonl
 
-Every run is ``workbench.vertical.specialise`` on the shipped base (``data/add-base``), so the rows are what
+Every run is ``workbench.vertical.specialise`` on a shipped base (``data/add-base``; for the ``lookup`` plan
+``data/read-base``, which also learnt to read in pre-training), so the rows are what
 ``python -m workbench vertical --method ... --rows FILE`` writes too. The columns: new-task accuracy (greedy,
 held out), old-task accuracy ungated and behind the per-request gate, the old task's completion loss,
 trained parameters, optimiser state, step time, delta bytes.
@@ -40,24 +44,47 @@ PLANS: dict[str, list[tuple[dict, list[int]]]] = {
         ({"task": "borrow", "method": VSTAR, "lr": 1e-2, "replay": 0.0}, [0, 1, 2]),
         ({"task": "borrow", "method": "full", "lr": 1e-3, "replay": 0.5}, [0, 1, 2]),
         ({"task": "borrow", "method": "full", "lr": 1e-3, "replay": 0.0}, [0, 1, 2]),
-        ({"task": "borrow", "method": "esft_token", "lr": 3e-3, "replay": 0.5, "esft_p": 0.2}, [0]),
-        ({"task": "borrow", "method": "newexp", "lr": 3e-3, "replay": 0.5}, [0]),
-        ({"task": "borrow", "method": "lora", "lr": 1e-2, "replay": 0.5}, [0]),
+        ({"task": "borrow", "method": "esft_token", "lr": 3e-3, "replay": 0.5, "esft_p": 0.2}, [0, 1, 2]),
+        ({"task": "borrow", "method": "newexp", "lr": 3e-3, "replay": 0.5}, [0, 1, 2]),
+        ({"task": "borrow", "method": "lora", "lr": 1e-2, "replay": 0.5}, [0, 1, 2]),
         ({"task": "borrow", "method": "full", "lr": 3e-4, "replay": 0.0}, [0]),
         ({"task": "borrow", "method": "full", "lr": 3e-3, "replay": 0.0}, [0]),
         ({"task": "borrow", "method": VSTAR, "lr": 1e-2, "replay": 0.5}, [0, 1, 2]),
         ({"task": "lookup", "method": "full", "lr": 1e-3, "replay": 0.0}, [0]),
         ({"task": "lookup", "method": VSTAR, "lr": 1e-2, "replay": 0.0}, [0]),
     ],
+    # R1's order on the hard vertical: a short cold start (300 steps: the format and part of the procedure), then
+    # GRPO restricted to the same delta parameters; the row holds both measurements, paired on one run
+    "grpo": [
+        (
+            dict(task="borrow", method=VSTAR, lr=1e-2, replay=0.0, steps=300, grpo_steps=60, grpo_lr=3e-4),
+            [0, 1, 2, 3, 4],
+        ),
+    ],
+    # the near vertical (subtraction without borrowing: one new rule on the prompts the base reads)
+    "sub": [
+        ({"task": "sub", "method": "full", "lr": 1e-3, "replay": 0.0}, [0, 1, 2]),
+        ({"task": "sub", "method": VSTAR, "lr": 1e-2, "replay": 0.0}, [0, 1, 2]),
+    ],
+    # the vertical outside arithmetic, on the base that reads (scripts/make_vertical_base.py --read)
+    "lookup": [
+        ({"task": "lookup", "method": "full", "lr": 1e-3, "replay": 0.0}, [0, 1, 2]),
+        ({"task": "lookup", "method": VSTAR, "lr": 1e-2, "replay": 0.0}, [0, 1, 2]),
+        ({"task": "lookup", "method": "lora", "lr": 1e-2, "replay": 0.0}, [0, 1, 2]),
+        ({"task": "lookup", "method": "newexp", "lr": 3e-3, "replay": 0.0}, [0]),
+    ],
     "ci": [  # seconds, for a smoke test of the script itself
         ({"task": "borrow", "method": "lora", "steps": 3, "eval_problems": 4, "old_eval_problems": 4}, [0]),
         ({"task": "borrow", "method": "full", "steps": 3, "eval_problems": 4, "old_eval_problems": 4}, [0, 1]),
     ],
 }
-KEY = ("task", "method", "lr", "replay", "steps", "esft_p", "rank", "seed", "old_eval_problems", "eval_problems")
+PLAN_BASES = {"lookup": "read-base"}  # a plan's base in data/ (default: add-base)
+KEY = ("task", "method", "lr", "replay", "steps", "esft_p", "rank", "seed", "old_eval_problems", "eval_problems",
+       "grpo_steps", "grpo_lr")  # fmt: skip
 
 
 def _key(d: dict) -> tuple:
+    d = d if d.get("grpo_steps") else {**d, "grpo_lr": None}  # without GRPO its rate changes nothing
     return tuple(d.get(k) for k in KEY)
 
 
@@ -76,7 +103,7 @@ def table(rows: list[dict]) -> str:
     return tabulate(rows)
 
 
-def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
+def run(plan: str, rows_path: Path, base_path: Path | None, threads: int) -> None:
     import torch
 
     from workbench.io.hf import load_hf
@@ -86,8 +113,12 @@ def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
         raise SystemExit(f"error: unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
     if os.environ.get("PYTHONHASHSEED") != "0":
         print("note: PYTHONHASHSEED is not 0; runs may not be reproducible across processes", file=sys.stderr)
+    base_path = base_path or ROOT / "data" / PLAN_BASES.get(plan, "add-base")
+    if not (base_path / "config.json").is_file():
+        hint = " (python scripts/make_vertical_base.py --read makes it)" if base_path.name == "read-base" else ""
+        raise SystemExit(f"error: --base {base_path} is not a model folder{hint}")
     torch.set_num_threads(threads)
-    defaults = {"old_eval_problems": 500} if plan == "reduced" else {}
+    defaults = {"old_eval_problems": 500} if plan != "ci" else {}
     recipes = [Recipe(**{**defaults, **fields, "seed": s}) for fields, seeds in PLANS[plan] for s in seeds]
     done = {_key(r) for r in read_rows([rows_path])} if rows_path.exists() else set()
     base = load_hf(base_path)
@@ -99,7 +130,8 @@ def run(plan: str, rows_path: Path, base_path: Path, threads: int) -> None:
             print(f"skip (in {rows_path}): {recipe.task} {recipe.method} lr={recipe.lr} seed={recipe.seed}", flush=True)
             continue
         row, _ = specialise(base, recipe)
-        row["base"] = str(base_path)
+        resolved = base_path.resolve()  # the repository's own bases are named relative to it (rows travel)
+        row["base"] = str(resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else base_path)
         with open(rows_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=str) + "\n")
         print(describe_row(row), flush=True)
@@ -181,7 +213,7 @@ def main() -> None:
     r = sub.add_parser("run", help="run a plan of recipes x seeds, appending rows")
     r.add_argument("--plan", default="reduced", help=f"one of {', '.join(PLANS)} (default: reduced)")
     r.add_argument("--rows", default=str(ROOT / "runs" / "vertical_compare.jsonl"), help="JSONL file of rows")
-    r.add_argument("--base", default=str(ROOT / "data" / "add-base"), help="the base model (default: data/add-base)")
+    r.add_argument("--base", help="the base model (default: the plan's: data/read-base for lookup, else data/add-base)")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     t = sub.add_parser("table", help="print the table of one or more row files")
     t.add_argument("rows", nargs="+", help="JSONL files of rows")
@@ -218,7 +250,7 @@ def main() -> None:
     if args.cmd == "run":
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
-        run(args.plan, Path(args.rows), Path(args.base), args.threads)
+        run(args.plan, Path(args.rows), Path(args.base) if args.base else None, args.threads)
     else:
         print(table(read_rows([Path(x) for x in args.rows])))
 
